@@ -1,0 +1,1 @@
+"""Prefect flows. Entry point for deployments: `flows/pretrain.py:pretrain`."""

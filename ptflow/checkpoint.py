@@ -1,0 +1,123 @@
+"""Resumable checkpoints: `checkpoint-<step>/` with weights, optimizer, scheduler, RNG, data cursor.
+
+A checkpoint is written into a hidden temp folder and renamed into place, and
+`ptflow_checkpoint.json` (its fingerprint and step) is the last file written inside it, so
+a checkpoint without it is torn and skipped. The fingerprint (dataset digest, tokenizer
+digest, train-config hash, world size) must match to resume; a mismatch names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ptflow.errors import CheckpointError
+
+log = logging.getLogger("ptflow.checkpoint")
+
+META = "ptflow_checkpoint.json"
+WEIGHTS = "trainable.safetensors"
+NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Parameters that change during training (all for full, the adapters for lora), contiguous copies."""
+    return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict, extra: dict) -> Path:
+    final = folder / f"checkpoint-{step}"
+    tmp = folder / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / WEIGHTS)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng_state.pth")
+    (tmp / "trainer_state.json").write_text(json.dumps(extra.get("trainer_state", {}), indent=2))
+    meta = {"step": step, "fingerprint": fingerprint, **{k: v for k, v in extra.items() if k != "trainer_state"}}
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    found = []
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            match = NAME.match(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return all((path / f).is_file() for f in (WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pth")) \
+        and isinstance(meta.get("step"), int)
+
+
+def newest_valid(folder: Path) -> Path | None:
+    for step, path in reversed(list_checkpoints(folder)):
+        if is_complete(path):
+            return path
+        log.warning("checkpoint: skipping torn checkpoint %s (incomplete write)", path.name)
+    return None
+
+
+def check_fingerprint(path: Path, expected: dict) -> dict:
+    """The checkpoint's metadata, or CheckpointError naming each field that differs."""
+    if not is_complete(path):
+        raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a complete ptflow checkpoint "
+                              f"(needs {META}, {WEIGHTS}, optimizer.pt, scheduler.pt, rng_state.pth)")
+    meta = json.loads((path / META).read_text())
+    found = meta.get("fingerprint", {})
+    changed = [f"{k} (checkpoint {str(found.get(k))[:16]}, now {str(v)[:16]})"
+               for k, v in expected.items() if found.get(k) != v]
+    if changed:
+        raise CheckpointError(f"train.resume_from_checkpoint: {path} was made by a different run; changed: "
+                              f"{', '.join(changed)}. Set train.resume_from_checkpoint: false to start over.")
+    return meta
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:
+    state = load_file(path / WEIGHTS)
+    params = dict(model.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise CheckpointError(f"{path}: weights {missing[:3]} do not match the model")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng_state.pth", weights_only=False)  # our own file: python/numpy RNG tuples
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def rotate(folder: Path, keep: int | None) -> None:
+    if not keep:
+        return
+    complete = [(s, p) for s, p in list_checkpoints(folder) if is_complete(p)]
+    for _, path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

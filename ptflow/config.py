@@ -1,0 +1,351 @@
+"""The run config: one YAML file, one typed section per stage, every problem reported at once.
+
+Keys follow LLaMA-Factory's `pt` names where they exist (`model_name_or_path`, `cutoff_len`,
+`learning_rate`, ...), grouped by the stage that reads them. `load_config(path, overrides)`
+parses the file, applies dotted `section.key=value` overrides, and raises one `ConfigError`
+listing every problem with its key path, line, value and the expected form.
+
+    from ptflow.config import load_config
+    cfg = load_config("configs/quickstart.yaml", ["train.learning_rate=3e-4"])
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ptflow.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def digest_fields(self) -> dict[str, Any]:
+        """The fields that change this section's outputs (used in cache keys)."""
+        return self.model_dump(mode="json")
+
+
+class ModelSection(Section):
+    """Which model and tokenizer to start from. Read by `load_tokenizer` and `train`."""
+
+    model_name_or_path: str = Field(
+        description="Local directory with config.json and tokenizer files, or a Hub repo id "
+        "(resolved through the local Hugging Face cache; set HF_HUB_OFFLINE=1 to forbid downloads)."
+    )
+    model_revision: str = Field("main", description="Hub revision (branch, tag or commit) for a hub id.")
+    train_from_scratch: bool = Field(
+        False, description="Build the model from its config.json with random weights instead of loading weights."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model/tokenizer code from the model repo to run. Off unless you trust it."
+    )
+    use_fast_tokenizer: bool = Field(True, description="Use the Rust (fast) tokenizer.")
+    resize_vocab: bool = Field(
+        False, description="Resize the embeddings when the tokenizer is larger than the model's vocabulary."
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel: PyTorch scaled_dot_product_attention or the eager reference."
+    )
+
+    def tokenizer_fields(self) -> dict[str, Any]:
+        return {"model_revision": self.model_revision, "use_fast_tokenizer": self.use_fast_tokenizer,
+                "trust_remote_code": self.trust_remote_code}
+
+
+class DataSection(Section):
+    """Which corpus to tokenize and how to pack it. Read by `prepare_dataset`."""
+
+    dataset: list[str] = Field(
+        description="Dataset names registered in `dataset_dir`/dataset_info.json (a list or a comma-separated string)."
+    )
+    dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the data files.")
+    cutoff_len: int = Field(2048, ge=2, le=1_048_576, description="Tokens per packed training block (sequence length).")
+    val_size: float = Field(
+        0.0, ge=0, description="Held-out blocks for evaluation: a fraction in (0, 1) or an integer count (>= 1)."
+    )
+    max_samples: int | None = Field(None, ge=1, description="Keep at most this many documents per dataset (for debugging).")
+    packing: bool = Field(
+        True, description="Concatenate documents (each followed by EOS) and cut into `cutoff_len` blocks; "
+        "false truncates each document to `cutoff_len` on its own."
+    )
+    preprocessing_batch_size: int = Field(1000, ge=1, description="Documents per tokenizer call.")
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one dataset from dataset_info.json")
+        return value
+
+    @field_validator("val_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("use a fraction below 1 (e.g. 0.05) or a whole number of blocks (e.g. 100)")
+        return value
+
+
+class TrainSection(Section):
+    """How to train. Read by `train`."""
+
+    finetuning_type: Literal["full", "freeze", "lora"] = Field(
+        "full", description="full: all weights; freeze: only the last `freeze_trainable_layers` layers; lora: adapters (peft)."
+    )
+    freeze_trainable_layers: int = Field(
+        2, description="freeze: train the last N layers (negative: the first |N| layers)."
+    )
+    freeze_trainable_modules: list[str] = Field(
+        ["all"], description="freeze: module names inside trainable layers to train (e.g. mlp,self_attn), or all."
+    )
+    lora_rank: int = Field(8, ge=1, description="lora: adapter rank.")
+    lora_alpha: int | None = Field(None, ge=1, description="lora: scale numerator; default 2 x lora_rank.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="lora: dropout on adapter inputs.")
+    lora_target: list[str] = Field(
+        ["all"], description="lora: module names to adapt (e.g. q_proj,v_proj), or all linear layers but the head."
+    )
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 disables clipping).")
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training blocks (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 derives them from num_train_epochs.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Blocks per micro-batch on each device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+        "inverse_sqrt", "warmup_stable_decay", "cosine_with_min_lr",
+    ] = Field("cosine", description="Learning-rate schedule (transformers.get_scheduler names).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps; overrides warmup_ratio when > 0.")
+    logging_steps: int = Field(10, ge=1, description="Log loss, lr, throughput every N steps.")
+    save_steps: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate on the validation blocks every N steps (and at the end).")
+    bf16: bool = Field(False, description="bf16 autocast with fp32 master weights (GPU).")
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    resume_from_checkpoint: str | bool = Field(
+        "auto", description="auto: resume from the newest valid checkpoint of this exact run; false: start over; "
+        "or a checkpoint directory."
+    )
+
+    @field_validator("freeze_trainable_modules", "lora_target", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainSection":
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError("max_steps must be a positive number of steps, or -1 to use num_train_epochs")
+        return self
+
+    def digest_fields(self) -> dict[str, Any]:
+        # How often we log or checkpoint, and whether we resume, do not change the trained weights.
+        fields = self.model_dump(mode="json")
+        for name in ("logging_steps", "save_steps", "save_total_limit", "resume_from_checkpoint"):
+            fields.pop(name)
+        return fields
+
+
+class EvalSection(Section):
+    """Perplexity on the held-out blocks. Read by `evaluate`."""
+
+    do_eval: bool = Field(True, description="Compute eval_loss and perplexity after training (needs val_size > 0).")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Blocks per evaluation batch.")
+
+
+class OutputSection(Section):
+    """Where results go and what the model card says. Read by `plot_loss` and `write_model_card`."""
+
+    output_dir: str | None = Field(
+        None, description="Folder that receives the model, logs, plots and card; default <store>/runs/<run_name>."
+    )
+    plot_loss: bool = Field(True, description="Write training_loss.png and training_eval_loss.png.")
+    license: str = Field("other", description="License identifier for the model card metadata.")
+    tags: list[str] = Field([], description="Extra tags for the model card.")
+
+
+class RunConfig(BaseModel):
+    """A whole run: one section per stage plus run-wide settings."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    run_name: str = Field("ptflow-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                          description="Name of the run (default output folder, model card title).")
+    store: str | None = Field(None, description="Artifact store root; default $PTFLOW_HOME or ~/.cache/ptflow.")
+    seed: int = Field(42, description="Seed for the validation split, data order and weight init.")
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "RunConfig":
+        problems = []
+        if self.data.val_size == 0 and self.train.eval_steps:
+            problems.append("train.eval_steps needs held-out data: set data.val_size (e.g. 0.05)")
+        if self.model.train_from_scratch and self.train.finetuning_type != "full":
+            problems.append(f"train.finetuning_type: {self.train.finetuning_type!r} on random weights "
+                            "(model.train_from_scratch: true) trains a frozen random model; use full")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection,
+}
+TOP_LEVEL = {name for name in RunConfig.model_fields if name not in SECTIONS}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a config; raise one ConfigError naming every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"config file not found (looked in {path.resolve().parent})"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(str(path), [f"YAML syntax error at {where}: {getattr(exc, 'problem', exc)}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), [f"expected a mapping of sections at the top level, got {type(raw).__name__}"])
+    problems = apply_overrides(raw, overrides)
+    return validate_config(raw, str(path), root, problems)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Apply `a.b=value` strings in place (values parsed as YAML); return malformed ones as problems."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected section.key=value, e.g. train.learning_rate=3e-4")
+            continue
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return problems
+
+
+def validate_config(raw: dict, source: str, root: yaml.Node | None = None, problems: list[str] | None = None) -> RunConfig:
+    problems = list(problems or [])
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(err, raw, root) for err in exc.errors()]
+        config = None
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _describe(err: dict, raw: dict, root: yaml.Node | None) -> str:
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    loc = [p for p in loc if "[" not in p]  # drop pydantic's union-branch labels like "function-after[...]"
+    key = ".".join(loc) or "(top level)"
+    line = _line_of(root, loc)
+    where = f"{key} (line {line})" if line else key
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key. {_suggest(loc)}"
+    if err["type"] == "missing":
+        field = _field(loc)
+        hint = f" ({field.description})" if field is not None and field.description else ""
+        return f"{where}: required key is missing{hint}"
+    value = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: got {value!r}; expected {msg[0].lower() + msg[1:] if msg else 'a valid value'}"
+
+
+def _field(loc: list[str]):
+    if len(loc) == 2 and loc[0] in SECTIONS:
+        return SECTIONS[loc[0]].model_fields.get(loc[1])
+    if len(loc) == 1:
+        return RunConfig.model_fields.get(loc[0])
+    return None
+
+
+def _suggest(loc: list[str]) -> str:
+    """Closest valid key: first within the same section, then anywhere (a key in the wrong section)."""
+    name = loc[-1]
+    if len(loc) == 1:
+        candidates = sorted(TOP_LEVEL | set(SECTIONS))
+        owners = {f"{s}.{f}": f for s, cls in SECTIONS.items() for f in cls.model_fields}
+        if name in owners.values():
+            home = next(k for k, v in owners.items() if v == name)
+            return f"It belongs in a section: did you mean {home}?"
+        close = difflib.get_close_matches(name, candidates + list(owners.values()), n=1, cutoff=0.6)
+        if close:
+            target = close[0] if close[0] in candidates else next(k for k, v in owners.items() if v == close[0])
+            return f"Did you mean {target}?"
+        return f"Valid top-level keys: {', '.join(candidates)}."
+    section = loc[0]
+    fields = list(SECTIONS[section].model_fields) if section in SECTIONS else []
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if close:
+        return f"Did you mean {section}.{close[0]}?"
+    for other, cls in SECTIONS.items():
+        close = difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.8)
+        if close:
+            return f"Did you mean {other}.{close[0]}? (it belongs in the {other} section)"
+    return f"Valid keys in {section}: {', '.join(fields)}."
+
+
+def _line_of(root: yaml.Node | None, loc: list[str]) -> int | None:
+    node, line = root, None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == part:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            break
+    return line
+
+
+def describe_fields() -> str:
+    """Markdown reference of every key, generated from the schema (docs/config.md)."""
+    out = []
+    for name, field in RunConfig.model_fields.items():
+        if name not in SECTIONS:
+            out.append(f"| `{name}` | {_default(field)} | {field.description} |")
+    rows = ["| key | default | meaning |", "|---|---|---|", *out]
+    for section, cls in SECTIONS.items():
+        rows.append(f"| **{section}** | | {cls.__doc__.strip()} |")
+        for name, field in cls.model_fields.items():
+            rows.append(f"| `{section}.{name}` | {_default(field)} | {field.description} |")
+    return "\n".join(rows)
+
+
+def _default(field) -> str:
+    return "required" if field.is_required() else f"`{field.default!r}`"

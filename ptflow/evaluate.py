@@ -1,0 +1,109 @@
+"""Stage `evaluate`: token-weighted loss and perplexity of the trained model on the held-out blocks.
+
+The loss is the sum of per-token losses over all predicted tokens divided by their count
+(not a mean of batch means), so it does not depend on the batch size. Perplexity is
+exp(eval_loss), `inf` on overflow, as LLaMA-Factory reports it. The result records the eval
+set's digest and token count: two perplexities compare only when those match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptflow.config import EvalSection
+from ptflow.dataset import open_blocks
+from ptflow.layout import Layout
+from ptflow.store import Artifact, build_or_reuse, code_version, sha256_file
+
+log = logging.getLogger("ptflow.evaluate")
+
+STAGE = "evaluate"
+
+
+def batch_tensors(blocks: np.ndarray, lengths: np.ndarray | None, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """input_ids, labels (-100 on padding) and attention mask for the blocks at `index`."""
+    ids = torch.from_numpy(np.asarray(blocks[index], dtype=np.int64))
+    if lengths is None:
+        return ids, ids, None
+    mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(np.asarray(lengths[index], dtype=np.int64))[:, None]
+    labels = ids.masked_fill(~mask, -100)
+    return ids, labels, mask.long()
+
+
+@torch.no_grad()
+def eval_loss(model, blocks: np.ndarray, lengths: np.ndarray | None, batch_size: int, device,
+              autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """Token-weighted mean next-token loss over all blocks, and the number of predicted tokens."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids, labels, mask = batch_tensors(blocks, lengths, slice(start, start + batch_size))
+        ids, labels = ids.to(device), labels.to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device)).logits
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                                   ignore_index=-100, reduction="sum")
+        total += losses.item()
+        count += int((targets != -100).sum())
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def eval_set_digest(dataset: Artifact) -> str:
+    return sha256_file(Path(dataset.path) / "eval.npy")
+
+
+def components(section: EvalSection, model: Artifact, dataset: Artifact) -> dict:
+    return {"stage": STAGE, "code": code_version(__name__, "ptflow.dataset"),
+            "config": section.digest_fields(), "inputs": {"model": model.digest, "dataset": dataset.digest}}
+
+
+def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout) -> Artifact:
+    """eval_results.json (eval_loss, perplexity, runtime, eval set digest) for the trained model."""
+
+    def build(folder: Path) -> dict:
+        from ptflow.train import load_trained_model
+
+        blocks, lengths = open_blocks(dataset, "eval")
+        net, device = load_trained_model(model.dir)
+        autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        started = time.perf_counter()
+        loss, n_tokens = eval_loss(net, blocks, lengths, section.per_device_eval_batch_size, device, autocast)
+        runtime = time.perf_counter() - started
+        train_results = model.dir / "train_results.json"
+        epoch = json.loads(train_results.read_text()).get("epoch") if train_results.exists() else None
+        results = {"epoch": epoch, "eval_loss": loss, "perplexity": perplexity(loss),
+                   "eval_runtime": round(runtime, 4),
+                   "eval_samples_per_second": round(len(blocks) / runtime, 3) if runtime else None,
+                   "eval_steps_per_second": round(math.ceil(len(blocks) / section.per_device_eval_batch_size) / runtime, 3)
+                   if runtime else None,
+                   "eval_tokens": n_tokens, "eval_blocks": int(len(blocks)), "eval_set_digest": eval_set_digest(dataset)}
+        (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
+        merged = {**(json.loads(train_results.read_text()) if train_results.exists() else {}), **results}
+        (folder / "all_results.json").write_text(json.dumps(merged, indent=2))
+        log.info("evaluate: eval_loss %.4f, perplexity %.2f on %d tokens", loss, results["perplexity"], n_tokens)
+        return results
+
+    blocks, _ = open_blocks(dataset, "eval")
+    if len(blocks) == 0:
+        from ptflow.errors import DataError
+
+        raise DataError("eval.do_eval needs held-out blocks: set data.val_size (e.g. 0.05) or eval.do_eval: false")
+    return build_or_reuse(layout, STAGE, components(section, model, dataset), build)

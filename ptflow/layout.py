@@ -1,0 +1,56 @@
+"""Every path ptflow writes, in one place.
+
+    <root>/cache/<stage>/<key>/          a finished artifact (manifest.json last, then renamed in)
+    <root>/cache/<stage>/<key>.work/     a resumable stage's work in progress (training checkpoints)
+    <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read, swept when stale
+    <root>/runs/<run_name>/              the default output_dir of a run
+
+The root is `store:` from the config, else $PTFLOW_HOME, else ~/.cache/ptflow. Nothing is
+created at import; folders appear when a stage writes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from ptflow.errors import StoreError
+
+MANIFEST = "manifest.json"
+
+
+class Layout:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    @classmethod
+    def resolve(cls, store: str | None = None) -> "Layout":
+        root = store or os.environ.get("PTFLOW_HOME") or Path.home() / ".cache" / "ptflow"
+        if "://" in str(root):
+            raise StoreError(f"store {root!r}: remote stores are not supported yet; use a local or shared-filesystem path")
+        return cls(root)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / "cache" / stage
+
+    def artifact(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / key
+
+    def work(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / f"{key}.work"
+
+    def tmp(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def run_dir(self, run_name: str) -> Path:
+        return self.root / "runs" / run_name
+
+    def output_dir(self, output_dir: str | None, run_name: str) -> Path:
+        return Path(output_dir).expanduser().resolve() if output_dir else self.run_dir(run_name)
+
+    def __repr__(self) -> str:
+        return f"Layout({str(self.root)!r})"
+
+    def __reduce__(self):
+        return (Layout, (str(self.root),))

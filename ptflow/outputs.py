@@ -1,0 +1,52 @@
+"""Fill the user's `output_dir` with the files of finished artifacts, in LLaMA-Factory's layout.
+
+Artifacts stay in the store; the output folder gets hard links (copies across
+filesystems), so a 4 GB model is not duplicated. Files are linked, never edited: change
+one in the output folder and the store detects it by digest and rebuilds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ptflow.errors import StoreError
+from ptflow.layout import MANIFEST
+from ptflow.store import Artifact, tree_files
+
+
+def prepare_output_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"output.output_dir: {path} is a file; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"output.output_dir: cannot create {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise StoreError(f"output.output_dir: {path} is not writable")
+    return path
+
+
+def export(artifact: Artifact | None, output_dir: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Link every file of `artifact` (but its manifest and `skip` prefixes) into `output_dir`."""
+    if artifact is None:
+        return []
+    written = []
+    for src in tree_files(artifact.dir):
+        rel = src.relative_to(artifact.dir).as_posix()
+        if rel.startswith(skip) or src.name == MANIFEST:
+            continue
+        dst = output_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists() or dst.is_symlink():
+            if dst.is_file() and os.path.samefile(src, dst):
+                written.append(rel)
+                continue
+            dst.unlink()
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        written.append(rel)
+    return written

@@ -1,0 +1,288 @@
+"""Content-addressed artifacts: key them, find them, explain hits and misses, write them atomically.
+
+A stage's key is sha256 over its *components*: stage name, the hash of its core modules'
+source, the config fields it reads, and the content digests of its inputs (never their
+paths). `build_or_reuse` returns the stored artifact when the key matches and its files are
+intact, otherwise builds it in a private folder, writes `manifest.json`, and renames the
+folder into place, so a crashed write is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptflow import __version__
+from ptflow.errors import StoreError
+from ptflow.layout import MANIFEST, Layout
+
+log = logging.getLogger("ptflow.store")
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a stage hands to the next: where its files are and what they contain."""
+
+    stage: str
+    key: str
+    path: str
+    digest: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    hit: bool = False
+    reason: str = ""
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    def as_cached(self, reason: str) -> "Artifact":
+        return Artifact(self.stage, self.key, self.path, self.digest, self.stats, True, reason)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source of the modules that implement a stage: editing them invalidates its cache."""
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        h.update(name.encode())
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()[:16]
+
+
+def tree_files(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            yield path
+
+
+def files_digest(root: Path, skip: Callable[[str], bool] = lambda rel: False) -> tuple[str, dict[str, dict]]:
+    """Digest of a folder by content: sha256 over (relative path, file sha256) pairs."""
+    files, h = {}, hashlib.sha256()
+    for path in tree_files(root):
+        rel = path.relative_to(root).as_posix()
+        st = path.stat()
+        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": None}
+        if not skip(rel):
+            entry["sha256"] = sha256_file(path)
+            h.update(f"{rel}\0{entry['sha256']}\n".encode())
+        files[rel] = entry
+    return h.hexdigest(), files
+
+
+class DigestMemo:
+    """sha256 of input files, memoised by (path, size, mtime): unchanged big files are not re-read."""
+
+    def __init__(self, layout: Layout):
+        self.path = layout.root / "cache" / "input-digests.json"
+        try:
+            self.memo = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.memo = {}
+        self.dirty = False
+
+    def digest(self, file: Path) -> str:
+        file = file.resolve()
+        st = file.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        hit = self.memo.get(str(file))
+        if hit and hit[0] == stamp:
+            return hit[1]
+        value = sha256_file(file)
+        self.memo[str(file)] = [stamp, value]
+        self.dirty = True
+        return value
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.memo)
+            self.dirty = False
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def stage_key(components: dict[str, Any]) -> str:
+    return sha256_json(components)[:32]
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_files(folder: Path, manifest: dict) -> str | None:
+    """None when every file in the manifest is present and unchanged, else what is wrong."""
+    for rel, entry in manifest.get("files", {}).items():
+        path = folder / rel
+        try:
+            st = path.stat()
+        except OSError:
+            return f"{rel} is missing"
+        if st.st_size != entry["size"]:
+            return f"{rel} has {st.st_size} bytes, expected {entry['size']}"
+        if st.st_mtime_ns != entry["mtime_ns"] and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            return f"{rel} content changed (sha256 mismatch)"
+    return None
+
+
+def explain_miss(layout: Layout, stage: str, components: dict[str, Any]) -> str:
+    """Which key component differs from the newest finished artifact of this stage."""
+    newest, newest_time = None, -1.0
+    stage_dir = layout.stage_dir(stage)
+    if stage_dir.is_dir():
+        for entry in stage_dir.iterdir():
+            if entry.is_dir() and not entry.name.startswith(".") and "." not in entry.name:
+                try:
+                    mtime = (entry / MANIFEST).stat().st_mtime
+                except OSError:
+                    continue
+                if mtime > newest_time:
+                    newest, newest_time = entry, mtime
+    previous = read_manifest(newest) if newest else None
+    if not previous:
+        return "no earlier artifact of this stage in the store"
+    old, new = _flatten(previous.get("components", {})), _flatten(components)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not changed:
+        return "key differs from the newest artifact only in encoding"
+    parts = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in changed[:4]]
+    more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+    return "changed " + "; ".join(parts) + more
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if value is not None else "absent"
+    return text if len(text) <= 24 else text[:12] + "…"
+
+
+def lookup(layout: Layout, stage: str, key: str) -> tuple[Artifact | None, str]:
+    """The intact artifact for `key`, or None and why it cannot be used."""
+    folder = layout.artifact(stage, key)
+    if not folder.is_dir():
+        return None, ""
+    manifest = read_manifest(folder)
+    problem = "manifest.json is missing or unreadable" if manifest is None else check_files(folder, manifest)
+    if problem:
+        return None, f"cached entry is damaged ({problem}); rebuilding it"
+    return _artifact(folder, manifest), ""
+
+
+def _artifact(folder: Path, manifest: dict, hit: bool = True, reason: str = "") -> Artifact:
+    return Artifact(manifest["stage"], manifest["key"], str(folder), manifest["digest"], manifest.get("stats", {}),
+                    hit, reason)
+
+
+def is_cached(layout: Layout, stage: str, components: dict[str, Any]) -> bool:
+    found, _ = lookup(layout, stage, stage_key(components))
+    return found is not None
+
+
+@contextmanager
+def key_lock(layout: Layout, stage: str, key: str) -> Iterator[None]:
+    """One builder per key across processes on this store; others wait and then reuse its result."""
+    lock_dir = layout.stage_dir(stage)
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_dir / f".{key}.lock", "a+")
+    except OSError as exc:
+        raise StoreError(f"cannot write to the store at {layout.root}: {exc.strerror}. "
+                         f"Set `store:` in the config or PTFLOW_HOME to a writable folder.") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_or_reuse(
+    layout: Layout,
+    stage: str,
+    components: dict[str, Any],
+    build: Callable[[Path], dict[str, Any]],
+    *,
+    resumable: bool = False,
+    skip_digest: Callable[[str], bool] = lambda rel: False,
+) -> Artifact:
+    """Return the artifact for these components, building it with `build(folder) -> stats` on a miss.
+
+    `resumable` stages build in a stable `<key>.work` folder that survives a crash, so the
+    next attempt can pick up its checkpoints; others build in a throwaway temp folder.
+    """
+    key = stage_key(components)
+    with key_lock(layout, stage, key):
+        found, damage = lookup(layout, stage, key)
+        if found:
+            log.info("%s: hit %s (all key components unchanged)", stage, key[:12])
+            return found.as_cached("all key components unchanged")
+        reason = damage or explain_miss(layout, stage, components)
+        log.info("%s: miss %s (%s)", stage, key[:12], reason)
+        final = layout.artifact(stage, key)
+        if damage:
+            shutil.rmtree(final, ignore_errors=True)
+        work = layout.work(stage, key) if resumable else layout.tmp(stage, key)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            started = time.time()
+            stats = build(work)
+            stats = {**stats, "build_s": round(time.time() - started, 3)}
+            digest, files = files_digest(work, skip_digest)
+            manifest = {"stage": stage, "key": key, "digest": digest, "components": components, "stats": stats,
+                        "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ptflow": __version__}
+            write_json_atomic(work / MANIFEST, manifest)
+            os.replace(work, final)
+        except OSError as exc:
+            if not resumable:
+                shutil.rmtree(work, ignore_errors=True)
+            raise StoreError(f"{stage}: writing the artifact under {layout.stage_dir(stage)} failed: "
+                             f"{exc.strerror or exc}. Free space or fix permissions, then re-run; "
+                             f"finished stages stay cached.") from exc
+        except BaseException:
+            if not resumable:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+    return _artifact(final, manifest, hit=False, reason=reason)
+
+
+def manifest_summary(artifact: Artifact) -> dict[str, Any]:
+    return {k: v for k, v in asdict(artifact).items() if k != "stats"}

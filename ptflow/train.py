@@ -1,0 +1,359 @@
+"""Stage `train`: a compact accelerate loop over the packed blocks, resumable and observable.
+
+The batch for optimizer step `s` is a pure function of (seed, s): each epoch is one seeded
+permutation of the blocks, so resuming at step s seeks straight to its batch (no replay of
+consumed batches) and a resumed run sees exactly the batches of an uninterrupted one.
+Checkpoints go to `checkpoint-<step>/` inside the stage's work folder; a re-run of the same
+key resumes from the newest complete one. Runs on its own under `accelerate launch`.
+
+Writes LLaMA-Factory/HF Trainer files: model.safetensors + config.json (or the LoRA
+adapter), tokenizer files, trainer_log.jsonl, trainer_state.json, train_results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptflow import checkpoint as ckpt
+from ptflow.config import ModelSection, TrainSection
+from ptflow.dataset import open_blocks
+from ptflow.errors import DataError, TrainingError
+from ptflow.evaluate import batch_tensors, eval_loss, perplexity
+from ptflow.layout import Layout
+from ptflow.model import build_model, count_parameters, model_files, setup_finetuning
+from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version, sha256_json
+from ptflow.telemetry import flops_per_token, format_seconds, peak_flops, peak_memory_gib
+from ptflow.tokenizer import resolve_model_dir
+
+log = logging.getLogger("ptflow.train")
+
+STAGE = "train"
+CODE_MODULES = ("ptflow.train", "ptflow.model", "ptflow.checkpoint", "ptflow.evaluate")
+LogCallback = Callable[[dict], None]
+
+
+class DataOrder:
+    """Which blocks make up optimizer step `step`, computed directly (O(1) seek)."""
+
+    def __init__(self, n_blocks: int, per_step: int, seed: int):
+        self.n_blocks, self.per_step, self.seed = n_blocks, per_step, seed
+        self.steps_per_epoch = n_blocks // per_step
+        self._epoch, self._perm = -1, None
+
+    def step_indices(self, step: int) -> np.ndarray:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        start = offset * self.per_step
+        return np.sort(self._perm[start: start + self.per_step])  # sorted: sequential reads from the memmap
+
+
+def plan_steps(train: TrainSection, n_blocks: int, world_size: int) -> tuple[int, int, int]:
+    """(blocks per optimizer step, steps per epoch, total steps)."""
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world_size
+    steps_per_epoch = n_blocks // per_step
+    if steps_per_epoch == 0:
+        raise DataError(f"train: one optimizer step needs {per_step} blocks (per_device_train_batch_size "
+                        f"{train.per_device_train_batch_size} x gradient_accumulation_steps "
+                        f"{train.gradient_accumulation_steps} x {world_size} devices) but the dataset has {n_blocks}; "
+                        "lower the batch size or add data")
+    total = train.max_steps if train.max_steps > 0 else math.ceil(train.num_train_epochs * steps_per_epoch)
+    return per_step, steps_per_epoch, total
+
+
+def components(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset: Artifact,
+               layout: Layout, seed: int) -> dict:
+    model_dir = resolve_model_dir(model, weights=not model.train_from_scratch)
+    memo = DigestMemo(layout)
+    model_inputs = {f.name: memo.digest(f) for f in model_files(model_dir, model.train_from_scratch)}
+    memo.save()
+    model_fields = model.model_dump(mode="json")
+    model_fields.pop("model_name_or_path")  # content, not location
+    return {"stage": STAGE, "code": code_version(*CODE_MODULES), "config": {"model": model_fields,
+            "train": train.digest_fields(), "seed": seed},
+            "inputs": {"tokenizer": tokenizer.digest, "dataset": dataset.digest, "model": model_inputs}}
+
+
+def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset: Artifact, layout: Layout,
+          seed: int = 42, on_log: LogCallback | None = None) -> Artifact:
+    """Train (or resume) and store the final model; reuse it when nothing it depends on changed."""
+    parts = components(model, train, tokenizer, dataset, layout, seed)
+
+    def build(folder: Path) -> dict:
+        fingerprint = {"dataset": dataset.digest, "tokenizer": tokenizer.digest,
+                       "train_config": sha256_json(parts["config"])[:16]}
+        return run_training(folder, model, train, tokenizer, dataset, seed, fingerprint, on_log)
+
+    return build_or_reuse(layout, STAGE, parts, build, resumable=True,
+                          skip_digest=lambda rel: rel.startswith("checkpoint-"))
+
+
+def run_training(folder: Path, model_section: ModelSection, train: TrainSection, tokenizer: Artifact,
+                 dataset: Artifact, seed: int, fingerprint: dict, on_log: LogCallback | None = None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    accelerator = Accelerator(mixed_precision="bf16" if train.bf16 else "no")
+    device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    fingerprint = {**fingerprint, "world_size": world}
+    set_seed(seed)
+    blocks, lengths = open_blocks(dataset, "train")
+    eval_blocks, eval_lengths = open_blocks(dataset, "eval")
+    per_step, steps_per_epoch, total_steps = plan_steps(train, len(blocks), world)
+    seq_len = blocks.shape[1]
+
+    from ptflow.tokenizer import open_tokenizer
+
+    tok = open_tokenizer(tokenizer.path)
+    model_dir = resolve_model_dir(model_section, weights=not model_section.train_from_scratch)
+    net = setup_finetuning(build_model(model_section, model_dir, len(tok), seed), train)
+    if train.gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_total, n_trainable = count_parameters(net)
+    optimizer = torch.optim.AdamW(_param_groups(net, train.weight_decay), lr=train.learning_rate,
+                                  betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
+                                  fused=device.type == "cuda")
+    warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total_steps)
+    scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps, scheduler_specific_kwargs=_scheduler_kwargs(train, total_steps))
+    start_step, resumed_from = 0, None
+    resume = _resume_path(folder, train.resume_from_checkpoint)
+    if resume is not None:
+        meta = ckpt.check_fingerprint(resume, fingerprint)
+        ckpt.load_checkpoint(resume, net, optimizer, scheduler)
+        start_step, resumed_from = meta["step"], str(resume)
+        log.info("train: resuming from %s (step %d of %d)", resume.name, start_step, total_steps)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    if train.torch_compile:
+        net = torch.compile(net)
+
+    cfg = accelerator.unwrap_model(net).config
+    token_flops = flops_per_token(n_trainable if train.finetuning_type == "full" else n_total,
+                                  cfg.num_hidden_layers, cfg.hidden_size, seq_len)
+    peak = peak_flops(device)
+    tokens_per_step = per_step * seq_len
+    log.info("train: %s parameters (%s trainable, %s), %d train blocks x %d tokens, %s tokens/step "
+             "(%d x %d accumulation x %d devices), %d steps (%d per epoch), device %s",
+             f"{n_total:,}", f"{n_trainable:,}", train.finetuning_type, len(blocks), seq_len, f"{tokens_per_step:,}",
+             train.per_device_train_batch_size, train.gradient_accumulation_steps, world, total_steps,
+             steps_per_epoch, device)
+
+    log_path = folder / "trainer_log.jsonl"
+    history = _read_log(log_path, upto=start_step) if main else []
+    if main:
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    order = DataOrder(len(blocks), per_step, seed)
+    rank, mb = accelerator.process_index, train.per_device_train_batch_size
+    eval_bs = max(1, train.per_device_train_batch_size)
+    autocast_dtype = torch.bfloat16 if train.bf16 else None
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not main or None)
+    started = time.perf_counter()
+    window_start, window_loss, window_steps, window_wait = started, 0.0, 0, 0.0
+    losses_sum, losses_n = 0.0, 0
+    net.train()
+    for step in range(start_step, total_steps):
+        wait_start = time.perf_counter()
+        indices = order.step_indices(step)
+        micro = [indices[(i * world + rank) * mb: (i * world + rank + 1) * mb]
+                 for i in range(train.gradient_accumulation_steps)]
+        batches = [batch_tensors(blocks, lengths, idx) for idx in micro]
+        window_wait += time.perf_counter() - wait_start
+        step_loss = 0.0
+        for i, (ids, labels, mask) in enumerate(batches):
+            sync = i == len(batches) - 1
+            with accelerator.no_sync(net) if not sync and world > 1 else _null():
+                out = net(input_ids=ids.to(device), labels=labels.to(device),
+                          attention_mask=None if mask is None else mask.to(device))
+                loss = out.loss / len(batches)
+                accelerator.backward(loss)
+            step_loss += loss.detach().float()
+        if train.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        step_loss = float(accelerator.reduce(step_loss, reduction="mean")) if world > 1 else float(step_loss)
+        grad_norm = float(grad_norm)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            raise TrainingError(f"train: loss {step_loss} / grad norm {grad_norm} is not finite at step {step + 1}; "
+                                f"stopped without saving. Lower train.learning_rate or enable train.max_grad_norm; "
+                                f"the last good checkpoint is kept in {folder}")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        losses_sum, losses_n = losses_sum + step_loss, losses_n + 1
+        progress.update(1)
+
+        record = None
+        if done % train.logging_steps == 0 or done == total_steps:
+            now = time.perf_counter()
+            elapsed = now - window_start
+            tps = window_steps * tokens_per_step / elapsed / world
+            record = _log_record(done, total_steps, window_loss / window_steps, scheduler.get_last_lr()[0], grad_norm,
+                                 done / steps_per_epoch, now - started, (total_steps - done) * elapsed / window_steps,
+                                 tps, done * tokens_per_step, token_flops, peak, device, window_wait / elapsed)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
+            window_start, window_loss, window_steps, window_wait = now, 0.0, 0, 0.0
+        if train.eval_steps and len(eval_blocks) and (done % train.eval_steps == 0 or done == total_steps):
+            loss_value, _ = eval_loss(accelerator.unwrap_model(net), eval_blocks, eval_lengths, eval_bs, device,
+                                      autocast_dtype)
+            record = record or {"current_steps": done, "total_steps": total_steps, "epoch": round(done / steps_per_epoch, 4)}
+            record["eval_loss"] = loss_value
+        if record and main:
+            history.append(record)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("train: %s", _fmt(record))
+            if on_log:
+                on_log(record)
+        if done % train.save_steps == 0 and done < total_steps:
+            accelerator.wait_for_everyone()
+            if main:
+                state = trainer_state(history, done, total_steps, train, steps_per_epoch)
+                ckpt.save_checkpoint(folder, done, accelerator.unwrap_model(net), optimizer, scheduler, fingerprint,
+                                     {"trainer_state": state, "tokens_seen": done * tokens_per_step})
+                ckpt.rotate(folder, train.save_total_limit)
+    progress.close()
+    runtime = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    if not main:
+        return {}
+    final = accelerator.unwrap_model(net)
+    if hasattr(final, "_orig_mod"):
+        final = final._orig_mod
+    final.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    steps_run = total_steps - start_step
+    results = {"epoch": round(total_steps / steps_per_epoch, 4), "total_flos": float(token_flops * total_steps * tokens_per_step),
+               "train_loss": losses_sum / max(losses_n, 1), "train_runtime": round(runtime, 4),
+               "train_samples_per_second": round(steps_run * per_step / runtime, 3) if runtime else None,
+               "train_steps_per_second": round(steps_run / runtime, 3) if runtime else None,
+               "train_tokens": total_steps * tokens_per_step}
+    (folder / "train_results.json").write_text(json.dumps(results, indent=2))
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state(history, total_steps, total_steps, train,
+                                                                        steps_per_epoch), indent=2))
+    first = next((r["loss"] for r in history if "loss" in r), None)
+    return {"total_steps": total_steps, "resumed_from": resumed_from, "parameters": n_total,
+            "trainable_parameters": n_trainable, "tokens_per_step": tokens_per_step, "first_loss": first,
+            "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
+            "final_eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
+            "finetuning_type": train.finetuning_type, **{k: results[k] for k in ("train_loss", "train_runtime")}}
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _scheduler_kwargs(train: TrainSection, total_steps: int) -> dict | None:
+    if train.lr_scheduler_type == "warmup_stable_decay":
+        return {"num_decay_steps": max(1, total_steps // 10)}
+    if train.lr_scheduler_type == "cosine_with_min_lr":
+        return {"min_lr_rate": 0.1}
+    return None
+
+
+def _resume_path(folder: Path, setting: str | bool) -> Path | None:
+    if setting is False or setting in ("false", "False"):
+        for _, path in ckpt.list_checkpoints(folder):
+            shutil.rmtree(path)
+        return None
+    if setting in (True, "auto", "true", "True"):
+        return ckpt.newest_valid(folder)
+    path = Path(str(setting)).expanduser()
+    if not path.is_dir():
+        from ptflow.errors import CheckpointError
+
+        raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a directory; give a checkpoint-<step> "
+                              "folder, auto, or false")
+    return path
+
+
+def _log_record(step, total, loss, lr, grad_norm, epoch, elapsed, remaining, tps, tokens, token_flops, peak,
+                device, wait_share) -> dict:
+    return {"current_steps": step, "total_steps": total, "loss": round(loss, 6), "lr": lr,
+            "grad_norm": round(grad_norm, 6), "epoch": round(epoch, 4), "percentage": round(100 * step / total, 2),
+            "elapsed_time": format_seconds(elapsed), "remaining_time": format_seconds(remaining),
+            "throughput": round(tps, 2), "total_tokens": tokens, "tokens_per_s_per_device": round(tps, 1),
+            "mfu": round(tps * token_flops / peak, 4) if peak else None,
+            "peak_mem_gib": round(peak_memory_gib(device), 3), "data_wait_pct": round(100 * wait_share, 2)}
+
+
+def _fmt(record: dict) -> str:
+    keys = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s_per_device", "mfu", "peak_mem_gib", "data_wait_pct",
+            "remaining_time")
+    parts = [f"step {record['current_steps']}/{record['total_steps']}"]
+    for key in keys:
+        if record.get(key) is not None:
+            value = record[key]
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(parts)
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    """Earlier log records up to the resumed step (later ones belong to the lost tail and are dropped)."""
+    if not path.exists() or upto == 0:
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn last line from a killed run
+        if record.get("current_steps", 0) <= upto:
+            records.append(record)
+    return records
+
+
+def trainer_state(history: list[dict], step: int, total: int, train: TrainSection, steps_per_epoch: int) -> dict:
+    """HF Trainer's trainer_state.json shape (log_history with loss/eval_loss per step)."""
+    log_history = []
+    for r in history:
+        entry = {"step": r["current_steps"], "epoch": r.get("epoch")}
+        if "loss" in r:
+            entry.update(loss=r["loss"], learning_rate=r.get("lr"), grad_norm=r.get("grad_norm"))
+        if "eval_loss" in r:
+            entry.update(eval_loss=r["eval_loss"], eval_perplexity=perplexity(r["eval_loss"]))
+        log_history.append(entry)
+    return {"global_step": step, "max_steps": total, "epoch": round(step / steps_per_epoch, 4),
+            "num_train_epochs": math.ceil(total / steps_per_epoch), "logging_steps": train.logging_steps,
+            "save_steps": train.save_steps, "train_batch_size": train.per_device_train_batch_size,
+            "log_history": log_history}
+
+
+def load_trained_model(folder: Path):
+    """The stored model (merging nothing: a LoRA folder loads base + adapter) on the best device."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if (folder / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    return model.to(device), device

@@ -1,0 +1,39 @@
+"""Cache and retry policy shared by every stage task.
+
+The Prefect cache key is ptflow's content key (stage, code, config fields, input digests),
+and it is only offered when the store still holds that artifact intact: a Prefect cache
+record can never point at deleted or damaged files. Retries are for transient errors only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import ModuleType
+
+from ptflow.errors import is_transient
+from ptflow.store import is_cached, stage_key
+
+
+def content_key(stage_module: ModuleType):
+    """A `cache_key_fn` built from the stage module's `components(...)` function."""
+    accepted = set(inspect.signature(stage_module.components).parameters)
+
+    def key_fn(context, parameters: dict) -> str | None:
+        parts = stage_module.components(**{k: v for k, v in parameters.items() if k in accepted})
+        if not is_cached(parameters["layout"], stage_module.STAGE, parts):
+            return None
+        return f"ptflow-{stage_module.STAGE}-{stage_key(parts)}"
+
+    return key_fn
+
+
+def transient_only(task, task_run, state) -> bool:
+    """retry_condition_fn: retry network/Hub hiccups, never config, data or divergence errors."""
+    try:
+        state.result()
+    except BaseException as exc:  # the failed task's own exception, re-raised by Prefect
+        return is_transient(exc)
+    return False
+
+
+STAGE_OPTIONS = dict(persist_result=True, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=transient_only)

@@ -1,0 +1,55 @@
+"""One Prefect task per ptflow stage; each body is a single call into the Prefect-free core."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from ptflow import card, dataset, evaluate as evaluation, plot, tokenizer, train as training
+from ptflow.config import DataSection, EvalSection, ModelSection, RunConfig, TrainSection
+from ptflow.layout import Layout
+from ptflow.store import Artifact
+from tasks.policy import STAGE_OPTIONS, content_key
+
+
+@task(name="load_tokenizer", cache_key_fn=content_key(tokenizer), **STAGE_OPTIONS)
+def load_tokenizer(section: ModelSection, layout: Layout) -> Artifact:
+    return tokenizer.load_tokenizer(section, layout)
+
+
+@task(name="prepare_dataset", cache_key_fn=content_key(dataset), **STAGE_OPTIONS)
+def prepare_dataset(section: DataSection, tokenizer: Artifact, layout: Layout, seed: int) -> Artifact:
+    return dataset.prepare_dataset(section, tokenizer, layout, seed)
+
+
+@task(name="train", cache_key_fn=content_key(training), **STAGE_OPTIONS)
+def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset: Artifact, layout: Layout,
+          seed: int) -> Artifact:
+    progress = create_progress_artifact(0.0, key="train-progress", description="training: waiting for step 1")
+
+    def on_log(record: dict) -> None:
+        if "percentage" in record:
+            update_progress_artifact(progress, record["percentage"], description=progress_line(record))
+
+    return training.train(model, train, tokenizer, dataset, layout, seed, on_log=on_log)
+
+
+def progress_line(record: dict) -> str:
+    return (f"step {record['current_steps']}/{record['total_steps']}, loss {record['loss']:.4f}, "
+            f"{record['tokens_per_s_per_device']:,.0f} tok/s/device, ETA {record['remaining_time']}")
+
+
+@task(name="evaluate", cache_key_fn=content_key(evaluation), **STAGE_OPTIONS)
+def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout) -> Artifact:
+    return evaluation.evaluate(section, model, dataset, layout)
+
+
+@task(name="plot_loss", cache_key_fn=content_key(plot), **STAGE_OPTIONS)
+def plot_loss(model: Artifact, layout: Layout) -> Artifact:
+    return plot.plot_loss(model, layout)
+
+
+@task(name="write_model_card", cache_key_fn=content_key(card), **STAGE_OPTIONS)
+def write_model_card(config: RunConfig, tokenizer: Artifact, dataset: Artifact, model: Artifact,
+                     evaluation: Artifact | None, plots: Artifact | None, layout: Layout, provenance: dict) -> Artifact:
+    return card.write_model_card(config, tokenizer, dataset, model, evaluation, plots, layout, provenance)

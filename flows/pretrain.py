@@ -29,18 +29,19 @@ def pretrain(config_path: str, overrides: list[str] | None = None) -> dict:
     layout = Layout.resolve(cfg.store)
     output_dir = prepare_output_dir(layout.output_dir(cfg.output.output_dir, cfg.run_name))
 
-    tokenizer = run_stage(load_tokenizer, cfg.model, layout)
-    dataset = run_stage(prepare_dataset, cfg.data, tokenizer, layout, cfg.seed)
-    model = run_stage(train, cfg.model, cfg.train, tokenizer, dataset, layout, cfg.seed)
+    tokenizer = run_stage(load_tokenizer, cfg.model, layout=layout)
+    dataset = run_stage(prepare_dataset, cfg.data, tokenizer, seed=cfg.seed, layout=layout)
+    model = run_stage(train, cfg.model, cfg.train, tokenizer, dataset, seed=cfg.seed, layout=layout)
     export(model, output_dir)
     evaluation = None
     if cfg.eval.do_eval and dataset.stats["eval_blocks"]:
-        evaluation = run_stage(evaluate, cfg.eval, model, dataset, layout)
+        evaluation = run_stage(evaluate, cfg.eval, model, dataset, layout=layout)
         export(evaluation, output_dir)
-    plots = run_stage(plot_loss, model, layout) if cfg.output.plot_loss else None
+    plots = run_stage(plot_loss, model, layout=layout) if cfg.output.plot_loss else None
     export(plots, output_dir)
     provenance = {"prefect flow run": f"{flow_run.get_flow_name()}/{flow_run.get_name()} ({flow_run.get_id()})"}
-    card = run_stage(write_model_card, cfg, tokenizer, dataset, model, evaluation, plots, layout, provenance)
+    card = run_stage(write_model_card, cfg, tokenizer, dataset, model, evaluation, plots,
+                     provenance=provenance, layout=layout)
     export(card, output_dir)
 
     stages = report_stages([tokenizer, dataset, model, evaluation, plots, card])

@@ -282,7 +282,11 @@ def _describe(err: dict, raw: dict, root: yaml.Node | None) -> str:
         return f"{where}: required key is missing{hint}"
     value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: got {value!r}; expected {msg[0].lower() + msg[1:] if msg else 'a valid value'}"
+    if msg.startswith("Input should be "):
+        msg = "expected " + msg.removeprefix("Input should be ")
+    if isinstance(value, dict):  # a cross-key check: its message names the keys; don't echo the whole section
+        return f"{where}: {msg}"
+    return f"{where}: got {value!r}; {msg}"
 
 
 def _field(loc: list[str]):

@@ -88,7 +88,7 @@ def resolve_sources(section: DataSection) -> list[Source]:
         column = columns.get("prompt", "text")
         sources.append(Source(name, tuple(files), column, formats.pop()))
     if problems:
-        raise DataError("dataset problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise DataError("\n  - ".join(problems))
     return sources
 
 

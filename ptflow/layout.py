@@ -4,6 +4,7 @@
     <root>/cache/<stage>/<key>.work/     a resumable stage's work in progress (training checkpoints)
     <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read, swept when stale
     <root>/runs/<run_name>/              the default output_dir of a run
+    <root>/prefect-results/              Prefect's persisted task results (its cache records)
 
 The root is `store:` from the config, else $PTFLOW_HOME, else ~/.cache/ptflow. Nothing is
 created at import; folders appear when a stage writes.
@@ -42,6 +43,9 @@ class Layout:
 
     def tmp(self, stage: str, key: str) -> Path:
         return self.stage_dir(stage) / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def prefect_results(self) -> Path:
+        return self.root / "prefect-results"
 
     def run_dir(self, run_name: str) -> Path:
         return self.root / "runs" / run_name

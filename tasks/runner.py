@@ -5,12 +5,18 @@ from __future__ import annotations
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from ptflow.layout import Layout
 from ptflow.store import Artifact
 
 
-def run_stage(stage_task, *args, **kwargs) -> Artifact:
-    """Call the task; a Prefect cache hit is marked as such on the returned artifact."""
-    state = stage_task(*args, return_state=True, **kwargs)
+def run_stage(stage_task, *args, layout: Layout, **kwargs) -> Artifact:
+    """Call the task; a Prefect cache hit is marked as such on the returned artifact.
+
+    Prefect's cache records are kept in the store (a Path, which Prefect wraps in an unsaved
+    LocalFileSystem), so they travel and vanish together with the artifacts they point to.
+    """
+    stage_task = stage_task.with_options(result_storage=layout.prefect_results())
+    state = stage_task(*args, layout=layout, return_state=True, **kwargs)
     artifact = state.result()
     if state.name == "Cached":
         artifact = artifact.as_cached("Prefect cache: content key unchanged and the store entry intact")

@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny Llama (2 layers, hidden 32) with the quickstart tokenizer, tiny corpora, a store.
+
+Everything is built once per session under pytest's tmp dir from files in the repository
+(found from this file's path, never from the current directory), so tests run offline in
+seconds. `make_config(**sections)` gives a validated RunConfig pointing at these assets.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# No test may reach the network: make the Hub client cache-only before anything imports it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart"
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+CORPUS_LINES = 200
+
+TINY_LLAMA = dict(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0,
+                  eos_token_id=1, pad_token_id=2, use_cache=False)
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**TINY_LLAMA)
+
+
+def copy_tokenizer(dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(QUICKSTART / "model" / name, dst / name)
+    return dst
+
+
+def write_dataset_info(data_dir: Path, entries: dict[str, dict]) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "dataset_info.json").write_text(json.dumps(entries, indent=2))
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """config.json (tiny Llama, no weights: for train_from_scratch) + the quickstart tokenizer."""
+    folder = copy_tokenizer(tmp_path_factory.mktemp("tiny-model"))
+    tiny_llama_config().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_dir(tmp_path_factory) -> Path:
+    """The same tiny Llama with seeded random weights saved as model.safetensors (for freeze/lora/loading)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = copy_tokenizer(tmp_path_factory.mktemp("tiny-weights"))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """Datasets: stdlib_docs (first 200 quickstart docs, jsonl), three (3 short docs, jsonl), notes (.txt)."""
+    folder = tmp_path_factory.mktemp("tiny-data")
+    with open(QUICKSTART / "data" / "corpus.jsonl", encoding="utf-8") as src:
+        lines = [next(src) for _ in range(CORPUS_LINES)]
+    (folder / "corpus.jsonl").write_text("".join(lines), encoding="utf-8")
+    shutil.copy(ASSETS / "three_docs.jsonl", folder / "three_docs.jsonl")
+    shutil.copy(ASSETS / "notes.txt", folder / "notes.txt")
+    return write_dataset_info(folder, {
+        "stdlib_docs": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}},
+        "three": {"file_name": "three_docs.jsonl"},
+        "notes": {"file_name": "notes.txt"},
+    })
+
+
+@pytest.fixture
+def layout(tmp_path):
+    from ptflow.layout import Layout
+
+    return Layout(tmp_path / "store")
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_model_dir, tiny_data_dir):
+    """make_config(data={"cutoff_len": 64}, train={...}) -> RunConfig on the tiny assets (validated)."""
+    from ptflow.config import validate_config
+
+    base = {
+        "run_name": "test-run",
+        "seed": 42,
+        "model": {"model_name_or_path": str(tiny_model_dir), "train_from_scratch": True},
+        "data": {"dataset": "stdlib_docs", "dataset_dir": str(tiny_data_dir), "cutoff_len": 64},
+        "train": {"per_device_train_batch_size": 4, "max_steps": 4, "logging_steps": 1, "learning_rate": 3e-3},
+    }
+
+    def build(**sections):
+        return validate_config(merge(base, sections), "test")
+
+    return build

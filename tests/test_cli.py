@@ -1,0 +1,59 @@
+"""The `ptflow` command as users run it: readable errors, exit codes, no tracebacks for user mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ptflow(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptflow.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_validate_quickstart_ok():
+    result = ptflow("validate", "configs/quickstart.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "configs/quickstart.yaml: OK" in result.stdout
+
+
+def test_unknown_and_mistyped_keys_are_all_reported_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    text = (ROOT / "configs/quickstart.yaml").read_text().replace("learning_rate: 1.0e-3", "learnig_rate: 1.0e-3")
+    text = text.replace("max_steps: 300", "max_steps: lots")
+    bad.write_text(text)
+    line_of = {key: n for n, line in enumerate(text.splitlines(), 1) for key in ("learnig_rate", "max_steps")
+               if line.strip().startswith(key)}
+    result = ptflow("validate", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "2 problem(s)" in result.stderr
+    assert (f"train.learnig_rate (line {line_of['learnig_rate']}): unknown key. Did you mean train.learning_rate?"
+            in result.stderr)
+    assert f"train.max_steps (line {line_of['max_steps']}): got 'lots'; expected a valid integer" in result.stderr
+
+
+def test_missing_inputs_fail_in_preflight_before_prefect_starts(tmp_path):
+    result = ptflow("run", "configs/quickstart.yaml", "data.dataset=nope", f"model.model_name_or_path={tmp_path}/none",
+                    f"store={tmp_path}/store")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "prefect" not in result.stderr.lower()
+    assert "'nope' is not in configs/quickstart/data/dataset_info.json (it has: stdlib_docs)" in result.stderr
+    assert f"'{tmp_path}/none' is not a directory" in result.stderr
+    assert not (tmp_path / "store" / "cache").exists()
+
+
+def test_override_syntax_error():
+    result = ptflow("validate", "configs/quickstart.yaml", "train.learning_rate")
+    assert result.returncode == 2
+    assert "expected section.key=value" in result.stderr
+
+
+def test_config_reference_lists_every_section():
+    result = ptflow("config-reference")
+    assert result.returncode == 0
+    for key in ("`data.cutoff_len`", "`train.learning_rate`", "`model.model_name_or_path`", "`eval.do_eval`"):
+        assert key in result.stdout

@@ -1,0 +1,95 @@
+"""The pretrain flow under a real (temporary) Prefect API, on the quickstart's assets with few steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+STAGES = ["load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card"]
+OUTPUT_FILES = ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "trainer_log.jsonl",
+                "trainer_state.json", "train_results.json", "eval_results.json", "all_results.json",
+                "training_loss.png", "training_eval_loss.png", "README.md", "checkpoint-20"]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+def run_flow(store: Path, *extra: str) -> tuple[dict, float]:
+    from flows.pretrain import pretrain
+
+    overrides = [f"store={store}", "train.max_steps=30", "train.save_steps=20", "train.eval_steps=15",
+                 "train.logging_steps=5", f"model.model_name_or_path={ROOT / 'configs/quickstart/model'}",
+                 f"data.dataset_dir={ROOT / 'configs/quickstart/data'}", *extra]
+    started = time.perf_counter()
+    summary = pretrain(config_path=str(QUICKSTART), overrides=overrides)
+    return summary, time.perf_counter() - started
+
+
+def verdicts(summary: dict) -> dict[str, str]:
+    return {row["stage"]: row["cache"] for row in summary["stages"]}
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, store):
+    return run_flow(store)
+
+
+def test_first_run_trains_and_writes_every_output(first_run):
+    summary, _ = first_run
+    assert verdicts(summary) == {stage: "miss" for stage in STAGES}
+    assert summary["final_loss"] < summary["first_loss"] - 0.5
+    assert math.isfinite(summary["perplexity"]) and summary["perplexity"] == pytest.approx(math.exp(summary["eval_loss"]))
+    out = Path(summary["output_dir"])
+    assert out == Path(summary["store"]) / "runs" / "quickstart"
+    missing = [name for name in OUTPUT_FILES if not (out / name).exists()]
+    assert not missing
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["current_steps"] for r in log if "loss" in r] == [5, 10, 15, 20, 25, 30]
+    assert [r["current_steps"] for r in log if "eval_loss" in r] == [15, 30]
+    assert load_file(out / "model.safetensors")  # loadable weights, not an empty file
+    results = json.loads((out / "all_results.json").read_text())
+    assert {"train_loss", "eval_loss", "perplexity", "epoch"} <= set(results)
+
+
+def test_second_run_reuses_every_stage_quickly(first_run, store):
+    _, first_s = first_run
+    summary, second_s = run_flow(store)
+    assert verdicts(summary) == {stage: "hit" for stage in STAGES}
+    assert second_s < first_s / 3
+    # The third run finds Prefect's own cache records (written by the second run).
+    summary, _ = run_flow(store)
+    assert all(row["reason"].startswith("Prefect cache") for row in summary["stages"])
+
+
+def test_changing_cutoff_len_redoes_data_and_later_stages_only(first_run, store):
+    summary, _ = run_flow(store, "data.cutoff_len=128")
+    rows = {row["stage"]: row for row in summary["stages"]}
+    assert rows["load_tokenizer"]["cache"] == "hit"
+    assert {s: rows[s]["cache"] for s in STAGES[1:]} == {s: "miss" for s in STAGES[1:]}
+    assert "config.cutoff_len: 256 -> 128" in rows["prepare_dataset"]["reason"]
+
+
+def test_bad_config_fails_before_any_stage(first_run, store):
+    from ptflow.errors import ConfigError
+
+    before = sorted(p.name for p in (store / "cache").iterdir())
+    with pytest.raises(ConfigError, match=r"train\.learnig_rate.*Did you mean train\.learning_rate"):
+        run_flow(store, "train.learnig_rate=1e-3")
+    assert sorted(p.name for p in (store / "cache").iterdir()) == before

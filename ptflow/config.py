@@ -137,7 +137,12 @@ class TrainSection(Section):
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate on the validation blocks every N steps (and at the end).")
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights (GPU).")
+    pure_bf16: bool = Field(False, description="Keep weights and optimizer states in bf16 (no fp32 master copy): "
+                            "less memory and faster, slightly less precise.")
     torch_compile: bool = Field(False, description="Compile the model with torch.compile.")
+    enable_liger_kernel: bool = Field(
+        False, description="Use liger-kernel's fused linear cross-entropy (and, without compile, its RMSNorm/SwiGLU/"
+        "RoPE kernels). Needs a CUDA GPU and `pip install liger-kernel`.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     resume_from_checkpoint: str | bool = Field(
         "auto", description="auto: resume from the newest valid checkpoint of this exact run; false: start over; "

@@ -110,13 +110,13 @@ def iter_documents(source: Source) -> Iterator[str]:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise DataError(f"{file}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                        raise DataError(f"{file}:{lineno}: malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
                     yield _column(record, source, file, lineno)
         else:
             try:
                 records = json.loads(_decode(file.read_bytes(), file, None))
             except json.JSONDecodeError as exc:
-                raise DataError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                raise DataError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
             if not isinstance(records, list):
                 raise DataError(f"{file}: expected a JSON list of records")
             for i, record in enumerate(records):
@@ -230,7 +230,7 @@ def _tokenize(source: Source, tok, batch_size: int, max_samples: int | None) -> 
 
 
 def _encode(tok, texts: list[str], eos: int) -> Iterator[np.ndarray]:
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+    for ids in tok(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         yield np.fromiter((*ids, eos), dtype=np.int64, count=len(ids) + 1)
 
 

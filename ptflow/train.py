@@ -18,6 +18,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from ptflow.dataset import open_blocks
 from ptflow.errors import DataError, TrainingError
 from ptflow.evaluate import batch_tensors, eval_loss, perplexity
 from ptflow.layout import Layout
+from ptflow.kernels import apply_speedups, base_causal_lm
 from ptflow.model import build_model, count_parameters, model_files, setup_finetuning
 from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version, sha256_json
 from ptflow.telemetry import flops_per_token, format_seconds, peak_flops, peak_memory_gib
@@ -103,7 +105,10 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    accelerator = Accelerator(mixed_precision="bf16" if train.bf16 else "no")
+    from ptflow.tokenizer import open_tokenizer
+
+    launched = time.perf_counter()
+    accelerator = Accelerator()  # precision is ours (autocast or pure bf16), not accelerate's wrapper
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     fingerprint = {**fingerprint, "world_size": world}
     set_seed(seed)
@@ -112,14 +117,15 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     per_step, steps_per_epoch, total_steps = plan_steps(train, len(blocks), world)
     seq_len = blocks.shape[1]
 
-    from ptflow.tokenizer import open_tokenizer
-
     tok = open_tokenizer(tokenizer.path)
     model_dir = resolve_model_dir(model_section, weights=not model_section.train_from_scratch)
     net = setup_finetuning(build_model(model_section, model_dir, len(tok), seed), train)
+    if train.pure_bf16:
+        net.to(torch.bfloat16)
     if train.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_total, n_trainable = count_parameters(net)
+    speedups = apply_speedups(net, train)
     optimizer = torch.optim.AdamW(_param_groups(net, train.weight_decay), lr=train.learning_rate,
                                   betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
                                   fused=device.type == "cuda")
@@ -134,109 +140,117 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
         start_step, resumed_from = meta["step"], str(resume)
         log.info("train: resuming from %s (step %d of %d)", resume.name, start_step, total_steps)
     net, optimizer = accelerator.prepare(net, optimizer)
-    if train.torch_compile:
-        net = torch.compile(net)
 
-    cfg = accelerator.unwrap_model(net).config
+    cfg = base_causal_lm(accelerator.unwrap_model(net)).config
     token_flops = flops_per_token(n_trainable if train.finetuning_type == "full" else n_total,
                                   cfg.num_hidden_layers, cfg.hidden_size, seq_len)
     peak = peak_flops(device)
     tokens_per_step = per_step * seq_len
+    precision = "pure bf16" if train.pure_bf16 else "bf16 autocast, fp32 master" if train.bf16 else "fp32"
     log.info("train: %s parameters (%s trainable, %s), %d train blocks x %d tokens, %s tokens/step "
-             "(%d x %d accumulation x %d devices), %d steps (%d per epoch), device %s",
+             "(%d x %d accumulation x %d devices), %d steps (%d per epoch), %s on %s%s",
              f"{n_total:,}", f"{n_trainable:,}", train.finetuning_type, len(blocks), seq_len, f"{tokens_per_step:,}",
              train.per_device_train_batch_size, train.gradient_accumulation_steps, world, total_steps,
-             steps_per_epoch, device)
+             steps_per_epoch, precision, device, f", {', '.join(speedups)}" if speedups else "")
 
     log_path = folder / "trainer_log.jsonl"
     history = _read_log(log_path, upto=start_step) if main else []
     if main:
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     order = DataOrder(len(blocks), per_step, seed)
-    rank, mb = accelerator.process_index, train.per_device_train_batch_size
-    eval_bs = max(1, train.per_device_train_batch_size)
-    autocast_dtype = torch.bfloat16 if train.bf16 else None
+    rank, mb, accum = accelerator.process_index, train.per_device_train_batch_size, train.gradient_accumulation_steps
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.bf16 and not train.pure_bf16)
     params = [p for p in net.parameters() if p.requires_grad]
+
+    def fetch(step: int) -> list[tuple]:
+        indices = order.step_indices(step)
+        batches = []
+        for i in range(accum):
+            ids, labels, mask = batch_tensors(blocks, lengths, indices[(i * world + rank) * mb: (i * world + rank + 1) * mb])
+            batches.append(tuple(None if t is None else _to_device(t, device) for t in (ids, labels, mask)))
+        return batches
+
+    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not main or None)
-    started = time.perf_counter()
-    window_start, window_loss, window_steps, window_wait = started, 0.0, 0, 0.0
-    losses_sum, losses_n = 0.0, 0
+    prefetch = ThreadPoolExecutor(max_workers=1)
+    pending = prefetch.submit(fetch, start_step) if start_step < total_steps else None
+    window = _Window(time.perf_counter(), start_step)
+    first_step_s, losses_sum, losses_n = None, 0.0, 0
     net.train()
-    for step in range(start_step, total_steps):
-        wait_start = time.perf_counter()
-        indices = order.step_indices(step)
-        micro = [indices[(i * world + rank) * mb: (i * world + rank + 1) * mb]
-                 for i in range(train.gradient_accumulation_steps)]
-        batches = [batch_tensors(blocks, lengths, idx) for idx in micro]
-        window_wait += time.perf_counter() - wait_start
-        step_loss = 0.0
-        for i, (ids, labels, mask) in enumerate(batches):
-            sync = i == len(batches) - 1
-            with accelerator.no_sync(net) if not sync and world > 1 else _null():
-                out = net(input_ids=ids.to(device), labels=labels.to(device),
-                          attention_mask=None if mask is None else mask.to(device))
-                loss = out.loss / len(batches)
+    try:
+        for step in range(start_step, total_steps):
+            wait_start = time.perf_counter()
+            batches = pending.result()
+            pending = prefetch.submit(fetch, step + 1) if step + 1 < total_steps else None
+            window.wait_s += time.perf_counter() - wait_start
+            step_loss = torch.zeros((), device=device)
+            for i, (ids, labels, mask) in enumerate(batches):
+                with accelerator.no_sync(net) if i < accum - 1 and world > 1 else nullcontext(), autocast:
+                    loss = net(input_ids=ids, labels=labels, attention_mask=mask).loss / accum
                 accelerator.backward(loss)
-            step_loss += loss.detach().float()
-        if train.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        step_loss = float(accelerator.reduce(step_loss, reduction="mean")) if world > 1 else float(step_loss)
-        grad_norm = float(grad_norm)
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            raise TrainingError(f"train: loss {step_loss} / grad norm {grad_norm} is not finite at step {step + 1}; "
-                                f"stopped without saving. Lower train.learning_rate or enable train.max_grad_norm; "
-                                f"the last good checkpoint is kept in {folder}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
-        losses_sum, losses_n = losses_sum + step_loss, losses_n + 1
-        progress.update(1)
+                step_loss += loss.detach().float()
+            if train.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            window.add(accelerator.reduce(step_loss, reduction="mean") if world > 1 else step_loss, grad_norm)
+            progress.update(1)
+            if first_step_s is None:
+                float(step_loss)  # wait for the device once, so the number is real
+                first_step_s = time.perf_counter() - launched
+                log.info("train: first step done %.1f s after the stage started", first_step_s)
 
-        record = None
-        if done % train.logging_steps == 0 or done == total_steps:
-            now = time.perf_counter()
-            elapsed = now - window_start
-            tps = window_steps * tokens_per_step / elapsed / world
-            record = _log_record(done, total_steps, window_loss / window_steps, scheduler.get_last_lr()[0], grad_norm,
-                                 done / steps_per_epoch, now - started, (total_steps - done) * elapsed / window_steps,
-                                 tps, done * tokens_per_step, token_flops, peak, device, window_wait / elapsed)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
-            window_start, window_loss, window_steps, window_wait = now, 0.0, 0, 0.0
-        if train.eval_steps and len(eval_blocks) and (done % train.eval_steps == 0 or done == total_steps):
-            loss_value, _ = eval_loss(accelerator.unwrap_model(net), eval_blocks, eval_lengths, eval_bs, device,
-                                      autocast_dtype)
-            record = record or {"current_steps": done, "total_steps": total_steps, "epoch": round(done / steps_per_epoch, 4)}
-            record["eval_loss"] = loss_value
-        if record and main:
-            history.append(record)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log.info("train: %s", _fmt(record))
-            if on_log:
-                on_log(record)
-        if done % train.save_steps == 0 and done < total_steps:
-            accelerator.wait_for_everyone()
-            if main:
-                state = trainer_state(history, done, total_steps, train, steps_per_epoch)
-                ckpt.save_checkpoint(folder, done, accelerator.unwrap_model(net), optimizer, scheduler, fingerprint,
-                                     {"trainer_state": state, "tokens_seen": done * tokens_per_step})
-                ckpt.rotate(folder, train.save_total_limit)
-    progress.close()
-    runtime = time.perf_counter() - started
+            record = None
+            if done % train.logging_steps == 0 or done == total_steps:
+                stats = window.close(done, folder)  # raises on a non-finite loss, naming the step
+                losses_sum, losses_n = losses_sum + stats["loss_sum"], losses_n + stats["steps"]
+                tps = stats["steps"] * tokens_per_step / stats["elapsed_s"] / world
+                record = _log_record(done, total_steps, stats["loss_sum"] / stats["steps"], scheduler.get_last_lr()[0],
+                                     stats["grad_norm"], done / steps_per_epoch, time.perf_counter() - window.started,
+                                     (total_steps - done) * stats["elapsed_s"] / stats["steps"], tps,
+                                     done * tokens_per_step, token_flops, peak, device,
+                                     stats["wait_s"] / stats["elapsed_s"])
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                window = _Window(time.perf_counter(), done, started=window.started)
+            if train.eval_steps and len(eval_blocks) and (done % train.eval_steps == 0 or done == total_steps):
+                eval_start = time.perf_counter()
+                loss_value, _ = eval_loss(accelerator.unwrap_model(net), eval_blocks, eval_lengths,
+                                          train.per_device_train_batch_size, device,
+                                          torch.bfloat16 if train.bf16 and not train.pure_bf16 else None)
+                record = record or {"current_steps": done, "total_steps": total_steps,
+                                    "epoch": round(done / steps_per_epoch, 4)}
+                record["eval_loss"] = loss_value
+                window.opened += time.perf_counter() - eval_start  # evaluation is not training throughput
+            if record and main:
+                history.append(record)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info("train: %s", _fmt(record))
+                if on_log:
+                    on_log(record)
+            if done % train.save_steps == 0 and done < total_steps:
+                window.check_finite(folder)  # never checkpoint diverged weights
+                accelerator.wait_for_everyone()
+                if main:
+                    state = trainer_state(history, done, total_steps, train, steps_per_epoch)
+                    ckpt.save_checkpoint(folder, done, accelerator.unwrap_model(net), optimizer, scheduler, fingerprint,
+                                         {"trainer_state": state, "tokens_seen": done * tokens_per_step})
+                    ckpt.rotate(folder, train.save_total_limit)
+    finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    runtime = time.perf_counter() - window.started
     accelerator.wait_for_everyone()
     if not main:
         return {}
-    final = accelerator.unwrap_model(net)
-    if hasattr(final, "_orig_mod"):
-        final = final._orig_mod
-    final.save_pretrained(folder, safe_serialization=True)
+    accelerator.unwrap_model(net).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     steps_run = total_steps - start_step
     results = {"epoch": round(total_steps / steps_per_epoch, 4), "total_flos": float(token_flops * total_steps * tokens_per_step),
@@ -247,18 +261,49 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     (folder / "train_results.json").write_text(json.dumps(results, indent=2))
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state(history, total_steps, total_steps, train,
                                                                         steps_per_epoch), indent=2))
-    first = next((r["loss"] for r in history if "loss" in r), None)
     return {"total_steps": total_steps, "resumed_from": resumed_from, "parameters": n_total,
-            "trainable_parameters": n_trainable, "tokens_per_step": tokens_per_step, "first_loss": first,
+            "trainable_parameters": n_trainable, "tokens_per_step": tokens_per_step, "first_step_s": first_step_s,
+            "first_loss": next((r["loss"] for r in history if "loss" in r), None),
             "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
             "final_eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
-            "finetuning_type": train.finetuning_type, **{k: results[k] for k in ("train_loss", "train_runtime")}}
+            "finetuning_type": train.finetuning_type, "speedups": speedups, "precision": precision,
+            **{k: results[k] for k in ("train_loss", "train_runtime")}}
 
 
-def _null():
-    from contextlib import nullcontext
+class _Window:
+    """Losses and grad norms of the steps since the last log line, kept on the device (no per-step sync)."""
 
-    return nullcontext()
+    def __init__(self, opened: float, first_step: int, started: float | None = None):
+        self.opened, self.first_step = opened, first_step
+        self.started = started if started is not None else opened
+        self.losses: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []
+        self.wait_s = 0.0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.losses.append(loss)
+        self.norms.append(torch.as_tensor(grad_norm, device=loss.device).float())
+
+    def check_finite(self, folder: Path) -> tuple[list[float], list[float]]:
+        losses = torch.stack(self.losses).tolist() if self.losses else []
+        norms = torch.stack(self.norms).tolist() if self.norms else []
+        for i, (loss, norm) in enumerate(zip(losses, norms)):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise TrainingError(f"train: loss {loss} / grad norm {norm} is not finite at step {self.first_step + i + 1}; "
+                                    "stopped without saving. Lower train.learning_rate or set train.max_grad_norm; "
+                                    f"the last good checkpoint is kept in {folder}")
+        return losses, norms
+
+    def close(self, done: int, folder: Path) -> dict:
+        losses, norms = self.check_finite(folder)
+        return {"loss_sum": sum(losses), "steps": len(losses), "grad_norm": norms[-1],
+                "elapsed_s": time.perf_counter() - self.opened, "wait_s": self.wait_s}
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

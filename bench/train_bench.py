@@ -1,0 +1,148 @@
+"""Benchmark ptflow's train stage on the anchors' exact work, to compare with LLaMA-Factory side by side.
+
+The work is the anchors' (`../shared/anchors/`): random-init llama-1.1b / llama-160m, their
+32K BPE tokenizer and stdlib corpus, bf16, sequence 2048, micro-batch 8, 60 steps, steady
+rate over steps 11-60. Each variant runs ptflow's own `prepare_dataset` + `train` stage
+functions (the code the flow runs) in a fresh subprocess and writes a result JSON in the
+anchors' shape (`run_<tag>.json`), so `summarize.py` tables it beside LLaMA-Factory.
+
+    # assets first (corpus, tokenizer, model configs), as the anchors build them:
+    python ../shared/anchors/build_assets.py --work /tmp/anchors --models llama-1.1b,llama-160m
+    python bench/train_bench.py --anchors-work /tmp/anchors --models llama-160m --variants eager,compile
+    python bench/train_bench.py --one ...   # (internal) run one variant in this process
+
+Variants: eager, compile, liger, compile+liger, and any of them with +pure (pure bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SYSTEM_LABELS = {"eager": "ptflow, eager", "compile": "ptflow, torch.compile", "liger": "ptflow, liger kernels",
+                 "compile+liger": "ptflow, torch.compile + liger fused CE"}
+
+
+def train_section(variant: str, steps: int, mb: int, lr: float):
+    from ptflow.config import TrainSection
+
+    flags = set(variant.split("+"))
+    return TrainSection(finetuning_type="full", learning_rate=lr, max_steps=steps, per_device_train_batch_size=mb,
+                        lr_scheduler_type="cosine", warmup_steps=10, max_grad_norm=1.0, logging_steps=10,
+                        save_steps=10**9, bf16=True, pure_bf16="pure" in flags, torch_compile="compile" in flags,
+                        enable_liger_kernel="liger" in flags, resume_from_checkpoint=False)
+
+
+def run_one(a) -> dict:
+    """Prepare (cached in the store) and train one variant; return the anchors-shaped result."""
+    import torch
+
+    from ptflow.config import DataSection, ModelSection
+    from ptflow.dataset import prepare_dataset
+    from ptflow.layout import Layout
+    from ptflow.tokenizer import load_tokenizer
+    from ptflow.train import train
+
+    work = Path(a.anchors_work)
+    layout = Layout(a.store)
+    model = ModelSection(model_name_or_path=str(work / "models" / a.model), train_from_scratch=True)
+    started = time.perf_counter()
+    tok = load_tokenizer(model, layout)
+    data = prepare_dataset(DataSection(dataset=["stdlib_py"], dataset_dir=str(work / "data"), cutoff_len=a.seq),
+                           tok, layout)
+    prep_s = time.perf_counter() - started
+    section = train_section(a.variant, a.steps, a.mb, a.lr)
+    t0 = time.perf_counter()
+    art = train(model, section, tok, data, layout, seed=0)
+    stage_s = time.perf_counter() - t0
+    log = [json.loads(line) for line in (art.dir / "trainer_log.jsonl").read_text().splitlines()]
+    windows = [r for r in log if "loss" in r and r["current_steps"] > a.skip]
+    tokens_per_step = a.mb * a.seq
+    # Each record's throughput covers its own window of logging_steps steps (timed with a device sync).
+    steady_s = sum(10 * tokens_per_step / r["throughput"] for r in windows)
+    steady_tps = len(windows) * 10 * tokens_per_step / steady_s
+    return {"mode": "ptflow", "tag": a.tag, "model": a.model, "system": f"ptflow-{a.variant}",
+            "system_label": SYSTEM_LABELS.get(a.variant.replace("+pure", ""), "ptflow") +
+            (", pure bf16" if "pure" in a.variant else ""),
+            "mb": a.mb, "seq": a.seq, "steps": a.steps, "skip": a.skip, "variant": a.variant,
+            "steady_tokens_per_s": steady_tps, "steady_step_ms": 1000 * tokens_per_step / steady_tps,
+            "mfu": [r["mfu"] for r in windows], "first_step_s": art.stats.get("first_step_s"),
+            "train_stage_s": stage_s, "prepare_s": prep_s, "losses": {r["current_steps"]: r["loss"] for r in log},
+            "mem": {"max_allocated_gib": max(r["peak_mem_gib"] for r in log)},
+            "data_wait_pct": [r["data_wait_pct"] for r in windows], "speedups": art.stats.get("speedups"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "versions": {"torch": torch.__version__, **_versions()}}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("transformers", "accelerate", "liger-kernel", "triton"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--anchors-work", required=True, help="folder made by the anchors' build_assets.py")
+    ap.add_argument("--models", default="llama-1.1b,llama-160m")
+    ap.add_argument("--variants", default="eager,compile,compile+liger")
+    ap.add_argument("--results", default=None, help="folder for run_<tag>.json (default <work>/results)")
+    ap.add_argument("--store", default="/tmp/ptflow-bench-store")
+    ap.add_argument("--mb", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--skip", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--tag", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        Path(a.result).write_text(json.dumps(run_one(a), indent=2))
+        return
+    results = Path(a.results or Path(a.anchors_work) / "results")
+    results.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in a.models.split(","):
+        for variant in a.variants.split(","):
+            tag = f"ptflow-{variant}_{model}_mb{a.mb}"
+            out = results / f"run_{tag}.json"
+            cmd = [sys.executable, __file__, "--one", "--anchors-work", a.anchors_work, "--model", model,
+                   "--variant", variant, "--tag", tag, "--result", str(out), "--store", a.store, "--mb", str(a.mb),
+                   "--seq", str(a.seq), "--steps", str(a.steps), "--skip", str(a.skip), "--lr", str(a.lr)]
+            print(f"=== {tag}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                rc = subprocess.run(cmd, timeout=a.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if rc == 0:
+                r = json.loads(out.read_text())
+                rows.append((model, variant, f"{r['steady_tokens_per_s']:,.0f}", f"{max((m for m in r['mfu'] if m), default=0):.3f}",
+                             f"{r['mem']['max_allocated_gib']:.1f}", f"{r['first_step_s']:.1f}"))
+            else:
+                rows.append((model, variant, f"FAILED ({rc})", "", "", ""))
+            print(f"=== {tag}: {rows[-1][2]} tok/s in {time.perf_counter() - t0:.0f} s", flush=True)
+    print("\n| model | variant | tokens/s | MFU | peak GiB | first step s |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

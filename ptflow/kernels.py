@@ -1,0 +1,46 @@
+"""Speed options for the training model: liger fused kernels and torch.compile, together.
+
+With `torch_compile` and `enable_liger_kernel` both on, the decoder body is compiled in place
+and the LM head + loss run as liger's fused linear cross-entropy outside the compiled graph:
+the full-vocabulary logits are never materialised, and Dynamo never sees the fp32 head that
+breaks LLaMA-Factory's compile + liger combination. Without compile, liger also replaces
+RMSNorm, SwiGLU and RoPE (which Inductor fuses by itself when compiling).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ptflow.config import TrainSection
+from ptflow.errors import ModelError
+
+log = logging.getLogger("ptflow.kernels")
+
+
+def base_causal_lm(model):
+    """The transformers *ForCausalLM under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def apply_speedups(model, train: TrainSection) -> list[str]:
+    """Patch/compile `model` in place (state-dict keys unchanged); returns what was applied."""
+    applied = []
+    causal_lm = base_causal_lm(model)
+    if train.enable_liger_kernel:
+        try:
+            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+        except ImportError:
+            raise ModelError("train.enable_liger_kernel: liger-kernel is not installed "
+                             "(pip install liger-kernel; it needs a CUDA GPU and Triton)") from None
+        body_kernels = not train.torch_compile
+        _apply_liger_kernel_to_instance(model=causal_lm, rope=body_kernels, rms_norm=body_kernels,
+                                        swiglu=body_kernels, fused_linear_cross_entropy=True)
+        applied.append("liger fused linear cross-entropy" + (" + RMSNorm/SwiGLU/RoPE" if body_kernels else ""))
+    if train.torch_compile:
+        if train.enable_liger_kernel:
+            getattr(causal_lm, causal_lm.base_model_prefix).compile(dynamic=False)
+            applied.append("torch.compile (decoder)")
+        else:
+            model.compile(dynamic=False)
+            applied.append("torch.compile (whole model)")
+    return applied

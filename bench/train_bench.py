@@ -11,7 +11,8 @@ anchors' shape (`run_<tag>.json`), so `summarize.py` tables it beside LLaMA-Fact
     python bench/train_bench.py --anchors-work /tmp/anchors --models llama-160m --variants eager,compile
     python bench/train_bench.py --one ...   # (internal) run one variant in this process
 
-Variants: eager, compile, liger, compile+liger, and any of them with +pure (pure bf16).
+Variants: eager, compile (whole model), layers (regional compile), liger, and combinations joined
+with "+", e.g. compile+liger, layers+liger+pure (pure bf16), compile+cudnn (cuDNN attention).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SYSTEM_LABELS = {"eager": "ptflow, eager", "compile": "ptflow, torch.compile", "liger": "ptflow, liger kernels",
-                 "compile+liger": "ptflow, torch.compile + liger fused CE"}
+FLAG_LABELS = {"eager": "eager", "compile": "torch.compile", "layers": "regional torch.compile",
+               "liger": "liger fused CE", "pure": "pure bf16", "cudnn": "cuDNN attention"}
 
 
 def train_section(variant: str, steps: int, mb: int, lr: float):
@@ -37,8 +38,10 @@ def train_section(variant: str, steps: int, mb: int, lr: float):
     flags = set(variant.split("+"))
     return TrainSection(finetuning_type="full", learning_rate=lr, max_steps=steps, per_device_train_batch_size=mb,
                         lr_scheduler_type="cosine", warmup_steps=10, max_grad_norm=1.0, logging_steps=10,
-                        save_steps=10**9, bf16=True, pure_bf16="pure" in flags, torch_compile="compile" in flags,
-                        enable_liger_kernel="liger" in flags, resume_from_checkpoint=False)
+                        save_steps=10**9, bf16=True, pure_bf16="pure" in flags,
+                        torch_compile=bool({"compile", "layers"} & flags),
+                        compile_scope="layers" if "layers" in flags else "model", enable_liger_kernel="liger" in flags,
+                        sdpa_backend="cudnn" if "cudnn" in flags else "auto", resume_from_checkpoint=False)
 
 
 def run_one(a) -> dict:
@@ -70,8 +73,7 @@ def run_one(a) -> dict:
     steady_s = sum(10 * tokens_per_step / r["throughput"] for r in windows)
     steady_tps = len(windows) * 10 * tokens_per_step / steady_s
     return {"mode": "ptflow", "tag": a.tag, "model": a.model, "system": f"ptflow-{a.variant}",
-            "system_label": SYSTEM_LABELS.get(a.variant.replace("+pure", ""), "ptflow") +
-            (", pure bf16" if "pure" in a.variant else ""),
+            "system_label": "ptflow, " + " + ".join(FLAG_LABELS.get(f, f) for f in a.variant.split("+")),
             "mb": a.mb, "seq": a.seq, "steps": a.steps, "skip": a.skip, "variant": a.variant,
             "steady_tokens_per_s": steady_tps, "steady_step_ms": 1000 * tokens_per_step / steady_tps,
             "mfu": [r["mfu"] for r in windows], "first_step_s": art.stats.get("first_step_s"),

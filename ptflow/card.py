@@ -2,9 +2,12 @@
 
 Built with huggingface_hub's `ModelCard`/`ModelCardData`, so the YAML header (license, tags,
 datasets, model-index with perplexity) is what the Hub expects. The body names the base
-model or "trained from scratch", per-source token counts, hyperparameters, results, the
-digests of data, tokenizer and eval set, the code version and framework versions. Keys that
-look like secrets are removed from the config before it is written.
+model or "trained from scratch", per-source token counts and their share of the mixture,
+hyperparameters (LoRA/freeze settings included), results and the loss plots, the digests of
+data, tokenizer, model and eval set, the code version (git SHA, `-dirty` when modified), the
+Prefect flow run (id and UI URL) and framework versions. A LoRA card says `library_name: peft`.
+Keys that look like secrets are removed from the config before it is written (hub_token is
+dropped entirely).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -30,7 +34,9 @@ FRAMEWORKS = ("torch", "transformers", "accelerate", "peft", "datasets", "prefec
 
 def redact(obj):
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if SECRET.search(k) and v else redact(v)) for k, v in obj.items()}
+        # Flags and numbers hold no secret: `use_fast_tokenizer: true` stays readable.
+        return {k: ("<redacted>" if SECRET.search(k) and v and not isinstance(v, (bool, int, float)) else redact(v))
+                for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
@@ -40,16 +46,21 @@ def public_config(config: RunConfig) -> dict:
     data = redact(config.model_dump(mode="json"))
     data.pop("store", None)
     data["output"].pop("output_dir", None)
+    data["output"].pop("hub_token", None)  # not even "<redacted>": whether and where a token was set is nobody's business
     return data
 
 
 def git_sha() -> str | None:
+    """HEAD of the ptflow checkout, with `-dirty` when tracked files differ from it; None outside git."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=here)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    sha = out.stdout.strip() if out.returncode == 0 else ""
+    return (sha + ("-dirty" if dirty.stdout.strip() else "")) if sha else None
 
 
 def framework_versions() -> dict[str, str]:
@@ -88,13 +99,15 @@ def render_card(config, tokenizer, dataset, model, evaluation, plots, provenance
     results = evaluation.stats if evaluation else {}
     base = None if config.model.train_from_scratch else config.model.model_name_or_path
     eval_results = None
-    if results.get("perplexity") is not None:
+    # The Hub's model-index wants a finite number; an overflowed (inf) perplexity stays in the body only.
+    if results.get("perplexity") is not None and math.isfinite(results["perplexity"]):
         eval_results = [EvalResult(task_type="text-generation", dataset_type="ptflow-heldout",
                                    dataset_name=f"held-out blocks of {', '.join(config.data.dataset)}",
                                    metric_type="perplexity", metric_value=round(results["perplexity"], 4),
                                    dataset_revision=results.get("eval_set_digest", "")[:16] or None)]
+    lora = config.train.finetuning_type == "lora"
     data = ModelCardData(
-        license=config.output.license, library_name="transformers", pipeline_tag="text-generation",
+        license=config.output.license, library_name="peft" if lora else "transformers", pipeline_tag="text-generation",
         tags=["ptflow", "pretraining", config.train.finetuning_type, *config.output.tags],
         datasets=list(config.data.dataset), model_name=config.run_name, eval_results=eval_results,
         **({"base_model": base} if base and "/" in base and not Path(base).exists() else {}),
@@ -104,13 +117,26 @@ def render_card(config, tokenizer, dataset, model, evaluation, plots, provenance
     hyper = {k: getattr(train, k) for k in ("finetuning_type", "learning_rate", "lr_scheduler_type", "warmup_ratio",
                                             "weight_decay", "max_grad_norm", "per_device_train_batch_size",
                                             "gradient_accumulation_steps", "max_steps", "num_train_epochs", "bf16")}
+    if lora:
+        hyper.update(lora_rank=train.lora_rank, lora_alpha=train.lora_alpha or 2 * train.lora_rank,
+                     lora_dropout=train.lora_dropout, lora_target=",".join(train.lora_target))
+    elif train.finetuning_type == "freeze":
+        hyper.update(freeze_trainable_layers=train.freeze_trainable_layers,
+                     freeze_trainable_modules=",".join(train.freeze_trainable_modules))
     hyper.update(cutoff_len=config.data.cutoff_len, seed=config.seed, total_steps=model.stats.get("total_steps"),
                  tokens_per_step=model.stats.get("tokens_per_step"))
     lines = [f"# {config.run_name}", "",
              f"A causal language model {'trained from scratch' if config.model.train_from_scratch else 'continued from ' + config.model.model_name_or_path} "
              f"with ptflow ({config.train.finetuning_type} training).", "",
-             "## Training data", "", "| dataset | documents | tokens | mean tokens/doc |", "|---|---|---|---|"]
-    lines += [f"| {name} | {s['documents']:,} | {s['tokens']:,} | {s['mean_doc_tokens']} |" for name, s in sources.items()]
+             "## Training data", "", "| dataset | documents | tokens | mean tokens/doc | share of tokens |",
+             "|---|---|---|---|---|"]
+    total_tokens = sum(s["tokens"] for s in sources.values()) or 1
+    lines += [f"| {name} | {s['documents']:,} | {s['tokens']:,} | {s['mean_doc_tokens']} | "
+              f"{100 * s['tokens'] / total_tokens:.1f}% |" for name, s in sources.items()]
+    mixing = {key: getattr(config.data, key) for key in ("mix_strategy", "interleave_probs")
+              if getattr(config.data, key, None) is not None}
+    lines += ["", "Mixture: " + (", ".join(f"{k} {v}" for k, v in mixing.items()) if mixing
+                                 else "sources concatenated in the order listed") + "."]
     lines += ["", f"Packed into {dataset.stats.get('train_blocks', 0):,} training and {dataset.stats.get('eval_blocks', 0):,} "
               f"held-out blocks of {config.data.cutoff_len} tokens; {dataset.stats.get('dropped_tokens', 0):,} tokens "
               "dropped (final partial block).", "",
@@ -123,8 +149,16 @@ def render_card(config, tokenizer, dataset, model, evaluation, plots, provenance
     for key in ("eval_loss", "perplexity", "eval_tokens"):
         if results.get(key) is not None:
             lines.append(f"| {key} | {results[key]:.4f} |" if isinstance(results[key], float) else f"| {key} | {results[key]} |")
-    if plots and "training_loss.png" in plots.stats.get("plots", []):
-        lines += ["", "![training loss](training_loss.png)"]
+    for name, alt in (("training_loss.png", "training loss"), ("training_eval_loss.png", "eval loss")):
+        if plots and name in plots.stats.get("plots", []):
+            lines += ["", f"![{alt}]({name})"]
+    repo = config.output.hub_model_id or config.run_name
+    load = (f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")  # base model + this adapter' if lora
+            else f'model = AutoModelForCausalLM.from_pretrained("{repo}")')
+    lines += ["", "## Usage", "", "```python",
+              f"from {'peft import AutoPeftModelForCausalLM' if lora else 'transformers import AutoModelForCausalLM'}",
+              "from transformers import AutoTokenizer", "", load, f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+              "```"]
     lines += ["", "## Provenance", "", "| item | value |", "|---|---|",
               f"| data manifest digest | `{dataset.digest}` |", f"| tokenizer digest | `{tokenizer.digest}` |",
               f"| model digest | `{model.digest}` |",

@@ -3,6 +3,7 @@
     ptflow run CONFIG [section.key=value ...]       run the pretraining flow (embedded Prefect by default)
     ptflow validate CONFIG [section.key=value ...]  check the config and its inputs without running
     ptflow config-reference                          print every config key with its default and meaning
+    ptflow deploy [--pool-type gpu=kubernetes]       create prefect.yaml's work pools and apply its deployments
 
 User errors (config, data, model, checkpoint) print a readable message and exit 2 without
 a traceback; anything else is a bug and keeps its traceback.
@@ -33,12 +34,22 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=3e-4")
     sub.add_parser("config-reference", help="print every config key (markdown)")
+    p = sub.add_parser("deploy", help="create the work pools of prefect.yaml and apply its deployments")
+    p.add_argument("--project-dir", default=".", help="folder with prefect.yaml (default: current folder)")
+    p.add_argument("--pool-type", action="append", default=[], metavar="POOL=TYPE",
+                   help="work pool type for a pool that does not exist yet (default process), e.g. gpu=kubernetes")
+    p.add_argument("--code-dir", help="where workers find this project (PTFLOW_PROJECT_DIR; default: --project-dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the prefect commands instead of running them")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
             return validate(args.config, args.overrides)
         if args.command == "run":
             return run(args.config, args.overrides)
+        if args.command == "deploy":
+            from ptflow.deploy import deploy
+
+            return deploy(args.project_dir, args.pool_type, args.code_dir, args.dry_run)
         from ptflow.config import describe_fields
 
         print(describe_fields())
@@ -82,6 +93,8 @@ def run(config: str, overrides: list[str]) -> int:
         if summary.get(key) is not None:
             print(f"  {key:<17} {summary[key]:.4f}")
     print(f"  outputs in {summary['output_dir']}")
+    if summary.get("hub_commit_url"):
+        print(f"  published to {summary['hub_commit_url']}")
     if os.environ.get("PTFLOW_SUMMARY_JSON"):
         with open(os.environ["PTFLOW_SUMMARY_JSON"], "w") as f:
             json.dump({**summary, "wall_s": elapsed}, f, indent=2)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ptflow.errors import ConfigError
 
@@ -65,18 +65,43 @@ class DataSection(Section):
         description="Dataset names registered in `dataset_dir`/dataset_info.json (a list or a comma-separated string)."
     )
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the data files.")
+    eval_dataset: list[str] | None = Field(
+        None, description="Datasets (names in dataset_info.json, a list or comma-separated) packed into the held-out "
+        "blocks, instead of splitting val_size off the training blocks."
+    )
     cutoff_len: int = Field(2048, ge=2, le=1_048_576, description="Tokens per packed training block (sequence length).")
     val_size: float = Field(
         0.0, ge=0, description="Held-out blocks for evaluation: a fraction in (0, 1) or an integer count (>= 1)."
     )
-    max_samples: int | None = Field(None, ge=1, description="Keep at most this many documents per dataset (for debugging).")
+    max_samples: int | None = Field(None, ge=1, description="Keep at most this many documents per dataset (for "
+                                    "debugging; only the shards holding them are tokenized).")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        "concat", description="How several datasets are combined: concat appends them in order; interleave_under "
+        "alternates documents until the first dataset runs out, interleave_over until every dataset has been used "
+        "once (oversampling the others), as datasets.interleave_datasets does with the run seed."
+    )
+    interleave_probs: list[float] | None = Field(
+        None, description="interleave_*: probability of drawing the next document from each dataset (one per "
+        "dataset, summing to 1; a list or comma-separated). Unset alternates round-robin."
+    )
     packing: bool = Field(
         True, description="Concatenate documents (each followed by EOS) and cut into `cutoff_len` blocks; "
         "false truncates each document to `cutoff_len` on its own."
     )
-    preprocessing_batch_size: int = Field(1000, ge=1, description="Documents per tokenizer call.")
+    doc_mask: bool = Field(
+        False, description="Record where each document starts inside every packed block (<split>_doc_offsets.npy, "
+        "<split>_doc_starts.npy) so training can block attention across documents and restart positions."
+    )
+    preprocessing_num_workers: int | None = Field(
+        None, ge=1, description="Processes that tokenize shards in parallel; default every available core. The result "
+        "does not depend on it (not part of the cache key)."
+    )
+    preprocessing_batch_size: int = Field(
+        1000, ge=1, description="Documents per tokenizer call. The result does not depend on it (no remainder is "
+        "dropped per batch; not part of the cache key)."
+    )
 
-    @field_validator("dataset", mode="before")
+    @field_validator("dataset", "eval_dataset", "interleave_probs", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -90,6 +115,45 @@ class DataSection(Section):
             raise ValueError("name at least one dataset from dataset_info.json")
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataSection":
+        problems = []
+        for key, names in (("dataset", self.dataset), ("eval_dataset", self.eval_dataset or [])):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                problems.append(f"data.{key} lists {', '.join(twice)} more than once; name each dataset once")
+        if self.eval_dataset is not None and not self.eval_dataset:
+            problems.append("data.eval_dataset is empty; name datasets or remove the key")
+        if self.eval_dataset and self.val_size:
+            problems.append("data.val_size and data.eval_dataset both choose held-out data; set only one")
+        probs = self.interleave_probs
+        if probs is not None and self.mix_strategy == "concat":
+            problems.append("data.interleave_probs is only used with mix_strategy interleave_under or "
+                            "interleave_over; set one of them or remove interleave_probs")
+        elif probs is not None:
+            if len(probs) != len(self.dataset):
+                problems.append(f"data.interleave_probs has {len(probs)} values for {len(self.dataset)} datasets "
+                                f"({', '.join(self.dataset)}); give one probability per dataset")
+            if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+                problems.append(f"data.interleave_probs {probs} must be non-negative and sum to 1 "
+                                f"(they sum to {sum(probs):g})")
+            if self.mix_strategy == "interleave_over" and any(p == 0 for p in probs):
+                problems.append("data.interleave_probs: interleave_over uses every dataset up; a probability of 0 "
+                                "never would; raise it or use interleave_under")
+        if self.doc_mask and not self.packing:
+            problems.append("data.doc_mask marks documents inside packed blocks; with packing: false every block "
+                            "is one document already: remove doc_mask or set packing: true")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def digest_fields(self) -> dict[str, Any]:
+        # How many processes tokenize, and in what batches, does not change the blocks.
+        fields = self.model_dump(mode="json")
+        for name in ("preprocessing_num_workers", "preprocessing_batch_size"):
+            fields.pop(name)
+        return fields
+
     @field_validator("val_size")
     @classmethod
     def _fraction_or_count(cls, value: float) -> float:
@@ -101,6 +165,10 @@ class DataSection(Section):
 class TrainSection(Section):
     """How to train. Read by `train`."""
 
+    do_train: bool = Field(
+        True, description="Train. false skips training and evaluates the existing model in model.model_name_or_path "
+        "(a saved model or LoRA adapter folder, or a Hub id) on the held-out blocks: LLaMA-Factory's evaluate-only use."
+    )
     finetuning_type: Literal["full", "freeze", "lora"] = Field(
         "full", description="full: all weights; freeze: only the last `freeze_trainable_layers` layers; lora: adapters (peft)."
     )
@@ -140,6 +208,11 @@ class TrainSection(Section):
     pure_bf16: bool = Field(False, description="Keep weights and optimizer states in bf16 (no fp32 master copy): "
                             "less memory and faster, slightly less precise.")
     torch_compile: bool = Field(False, description="Compile the model with torch.compile.")
+    compile_scope: Literal["model", "layers"] = Field(
+        "layers", description="torch_compile: compile each decoder layer (one compilation reused by every layer: "
+        "shortest first step, and the fastest measured on llama-1.1b) or the whole model.")
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="Attention kernel behind PyTorch SDPA during training (auto lets PyTorch choose).")
     enable_liger_kernel: bool = Field(
         False, description="Use liger-kernel's fused linear cross-entropy (and, without compile, its RMSNorm/SwiGLU/"
         "RoPE kernels). Needs a CUDA GPU and `pip install liger-kernel`.")
@@ -165,7 +238,7 @@ class TrainSection(Section):
     def digest_fields(self) -> dict[str, Any]:
         # How often we log or checkpoint, and whether we resume, do not change the trained weights.
         fields = self.model_dump(mode="json")
-        for name in ("logging_steps", "save_steps", "save_total_limit", "resume_from_checkpoint"):
+        for name in ("logging_steps", "save_steps", "save_total_limit", "resume_from_checkpoint", "do_train"):
             fields.pop(name)
         return fields
 
@@ -178,7 +251,7 @@ class EvalSection(Section):
 
 
 class OutputSection(Section):
-    """Where results go and what the model card says. Read by `plot_loss` and `write_model_card`."""
+    """Where results go, what the model card says and where they are published. Read by `plot_loss`, `write_model_card` and `publish`."""
 
     output_dir: str | None = Field(
         None, description="Folder that receives the model, logs, plots and card; default <store>/runs/<run_name>."
@@ -186,6 +259,74 @@ class OutputSection(Section):
     plot_loss: bool = Field(True, description="Write training_loss.png and training_eval_loss.png.")
     license: str = Field("other", description="License identifier for the model card metadata.")
     tags: list[str] = Field([], description="Extra tags for the model card.")
+    push_to_hub: bool = Field(
+        False, description="Upload the output folder (weights or LoRA adapter, tokenizer, card, plots, results; no "
+        "checkpoints) to the Hugging Face Hub in one commit after the run. Auth is checked before training starts.")
+    hub_model_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$",
+        description="Hub repo to push to (namespace/name, or name under the token's user); default run_name.")
+    hub_private_repo: bool | None = Field(
+        None, description="Create the repo as private (true) or public (false); null keeps the Hub's default. "
+        "Only applies when the repo is created.")
+    hub_token: SecretStr | None = Field(
+        None, description="Hub token with write access. Prefer the HF_TOKEN environment variable, which wins over "
+        "this key; never pass it as a command-line override. Kept out of logs, cards, artifacts and saved configs.")
+
+
+STAGE_ORDER = ("load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card")
+"""The stages in the order the flow runs them (`orchestration.from_stage` redoes one and all after it)."""
+
+
+class OrchestrationSection(Section):
+    """Where the train stage runs, what a run redoes, and what it continues from. Read by the flow, not by a stage."""
+
+    placement: Literal["local", "gpu-pool"] = Field(
+        "local", description="local: train in the flow's own process; gpu-pool: run the `train_deployment` "
+        "deployment (a worker of the gpu work pool) through run_deployment, sharing artifacts through the store.")
+    train_deployment: str = Field(
+        "train-stage/gpu", pattern=r"^[^/]+/[^/]+$",
+        description="The train deployment (flow/deployment) used with placement: gpu-pool; see prefect.yaml.")
+    force: list[str] = Field(
+        [], description="Stages to redo although they are cached (store entry and Prefect cache record are "
+        "replaced; a forced train starts over from step 0), e.g. [prepare_dataset] or prepare_dataset,train.")
+    from_stage: str | None = Field(
+        None, description="Redo this stage and every stage after it (order: " + ", ".join(STAGE_ORDER) + ").")
+    continue_from: str | None = Field(
+        None, description="Continual pretraining: `latest` starts training from the newest model of this run_name's "
+        "lineage (<store>/lineage/<run_name>.jsonl) that was trained on other data, or from `model` on the first "
+        "run; or a folder with a saved model. Null trains from `model` every time.")
+
+    @field_validator("force", mode="before")
+    @classmethod
+    def _split_stages(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("force")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _check_stage(name)
+        return value
+
+    @field_validator("from_stage")
+    @classmethod
+    def _known_stage(cls, value: str | None) -> str | None:
+        return value if value is None else _check_stage(value)
+
+    def forced_stages(self) -> set[str]:
+        """`force` plus `from_stage` and everything after it."""
+        later = STAGE_ORDER[STAGE_ORDER.index(self.from_stage):] if self.from_stage else ()
+        return set(self.force) | set(later)
+
+
+def _check_stage(name: str) -> str:
+    if name not in STAGE_ORDER:
+        close = difflib.get_close_matches(name, STAGE_ORDER, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(f"{name!r} is not a stage; {hint}stages are {', '.join(STAGE_ORDER)}")
+    return name
 
 
 class RunConfig(BaseModel):
@@ -202,6 +343,7 @@ class RunConfig(BaseModel):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     output: OutputSection = OutputSection()
+    orchestration: OrchestrationSection = OrchestrationSection()
 
     @model_validator(mode="after")
     def _cross_section(self) -> "RunConfig":
@@ -211,6 +353,9 @@ class RunConfig(BaseModel):
         if self.model.train_from_scratch and self.train.finetuning_type != "full":
             problems.append(f"train.finetuning_type: {self.train.finetuning_type!r} on random weights "
                             "(model.train_from_scratch: true) trains a frozen random model; use full")
+        if self.orchestration.continue_from and self.train.finetuning_type == "lora":
+            problems.append("orchestration.continue_from needs a model with full weights, but lora stores only the "
+                            "adapter; use train.finetuning_type: full or freeze for continual pretraining")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -218,8 +363,10 @@ class RunConfig(BaseModel):
 
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection,
+    "orchestration": OrchestrationSection,
 }
 TOP_LEVEL = {name for name in RunConfig.model_fields if name not in SECTIONS}
+SECRET_KEYS = {"hub_token"}  # never echoed in errors, refused as command-line overrides
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -252,6 +399,11 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[s
             problems.append(f"override {item!r}: expected section.key=value, e.g. train.learning_rate=3e-4")
             continue
         parts = key.strip().split(".")
+        if parts[-1] in SECRET_KEYS:  # never echo the value: it is a secret
+            problems.append(f"override {key.strip()}: a token on the command line shows up in the process list, "
+                            "shell history and the flow run's parameters; export HF_TOKEN instead "
+                            "(or set it in the config file)")
+            continue
         node = raw
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
@@ -285,7 +437,7 @@ def _describe(err: dict, raw: dict, root: yaml.Node | None) -> str:
         field = _field(loc)
         hint = f" ({field.description})" if field is not None and field.description else ""
         return f"{where}: required key is missing{hint}"
-    value = err.get("input")
+    value = "<hidden>" if loc and loc[-1] in SECRET_KEYS else err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
     if msg.startswith("Input should be "):
         msg = "expected " + msg.removeprefix("Input should be ")

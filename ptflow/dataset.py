@@ -1,255 +1,254 @@
-"""Stage `prepare_dataset`: read registered corpora, tokenize, pack into blocks, split, store memory-mapped.
+"""Stage `prepare_dataset`: registered corpora -> cached token shards -> selected, mixed, packed, split blocks.
 
-Datasets are registered in `<dataset_dir>/dataset_info.json` as in LLaMA-Factory
-(`{"name": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}}`). Each document
-becomes its tokens followed by EOS; documents are concatenated across the whole corpus and
-cut into `cutoff_len` blocks. Unlike LLaMA-Factory, nothing but the final partial block is
-dropped (it cuts per 1000-document batch), EOS is a trained token (it masks EOS because
-pad == EOS), and no BOS is written over a block's first token. The blocks are `train.npy`
-and `eval.npy` (shape blocks x cutoff_len), opened with `np.load(mmap_mode="r")`.
+    from ptflow.dataset import prepare_dataset, open_blocks
+    artifact = prepare_dataset(cfg.data, tokenizer_artifact, Layout.resolve(), seed=42)
+    blocks, lengths = open_blocks(artifact, "train")          # (n, cutoff_len) memory-mapped
 
-Everything that can be checked before tokenization (names, files, columns, JSON syntax) is
-checked first, so a typo costs seconds.
+The recipe is LLaMA-Factory's pt data path (docs/data.md maps every key):
+1. resolve `data.dataset` / `data.eval_dataset` in `<dataset_dir>/dataset_info.json` and check
+   names, files, types, columns and first records before anything is tokenized (sources.py);
+2. tokenize every shard of every file once per (file bytes, tokenizer) into the token cache,
+   in parallel, reusing shards any earlier config tokenized (shards.py);
+3. select documents (`num_samples`, `max_samples`) and mix the datasets (`mix_strategy`,
+   `interleave_probs`) by document index (mixing.py);
+4. pack: text + EOS concatenated and cut into `cutoff_len` blocks, dropping only the final partial
+   block (or `packing: false`: one truncated, padded block per document) (packing.py);
+5. hold out `val_size` blocks (seeded) or pack `eval_dataset` as the eval split, and store
+   `train.npy` / `eval.npy` (+ `*_lengths.npy`, `*_doc_offsets.npy`/`*_doc_starts.npy`).
+
+The stage's key covers the packing config, the tokenizer digest and each file's bytes; on a miss
+the shard cache still makes re-packing (say a new cutoff_len) cost no tokenization. The log ends
+with a table per dataset: shards reused or built and why, documents, tokens, mean length.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ptflow.config import DataSection
 from ptflow.errors import DataError
 from ptflow.layout import Layout
+from ptflow.mixing import mix, select
+from ptflow.packing import DocStarts, doc_starts, load_doc_starts, pack, save_doc_starts, select_rows, truncate
+from ptflow.shards import SourceShards, default_workers, open_shard, token_dtype, tokenize_sources
+from ptflow.sources import Source, check_sources, plan_shards, read_dataset_info, resolve_sources
 from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version
+
+if TYPE_CHECKING:
+    from ptflow.config import DataSection
+
+__all__ = ["STAGE", "Source", "check_sources", "components", "open_blocks", "open_doc_starts", "prepare_dataset",
+           "read_dataset_info", "resolve_sources", "split_indices"]
 
 log = logging.getLogger("ptflow.dataset")
 
 STAGE = "prepare_dataset"
-FORMATS = {".jsonl": "jsonl", ".json": "json", ".txt": "txt"}
+CODE_MODULES = ("ptflow.dataset", "ptflow.mixing", "ptflow.packing", "ptflow.shards", "ptflow.sources")
 
 
-@dataclass(frozen=True)
-class Source:
-    """One registered dataset resolved to files on disk."""
-
-    name: str
-    files: tuple[Path, ...]
-    column: str
-    format: str
-
-
-def read_dataset_info(dataset_dir: Path) -> dict:
-    info_path = dataset_dir / "dataset_info.json"
-    if not info_path.is_file():
-        raise DataError(f"data.dataset_dir: {dataset_dir} has no dataset_info.json "
-                        f"(relative paths are resolved from {Path.cwd()}). Register each dataset there, e.g. "
-                        '{"my_corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}}')
+def resolve_all(section: "DataSection") -> tuple[list[Source], list[Source]]:
+    """(training sources, eval_dataset sources), every resolution problem of both reported at once."""
+    problems, train, evals = [], [], []
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{info_path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{info_path}: expected an object mapping dataset names to entries")
-    return info
-
-
-def resolve_sources(section: DataSection) -> list[Source]:
-    """Map dataset names to files, checking every name, file and format; report all problems at once."""
-    dataset_dir = Path(section.dataset_dir).expanduser()
-    info = read_dataset_info(dataset_dir)
-    sources, problems = [], []
-    for name in section.dataset:
-        entry = info.get(name)
-        if entry is None:
-            problems.append(f"data.dataset: {name!r} is not in {dataset_dir / 'dataset_info.json'} "
-                            f"(it has: {', '.join(sorted(info)) or 'nothing'})")
-            continue
-        if "file_name" not in entry:
-            problems.append(f"{dataset_dir / 'dataset_info.json'}: entry {name!r} needs file_name "
-                            "(hub datasets are not supported yet)")
-            continue
-        path = dataset_dir / entry["file_name"]
-        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-        missing = [f for f in files if not f.is_file()]
-        if missing or not files:
-            problems.append(f"data.dataset {name!r}: file {path} does not exist")
-            continue
-        formats = {FORMATS.get(f.suffix.lower()) for f in files}
-        if None in formats or len(formats) != 1:
-            problems.append(f"data.dataset {name!r}: {path} must be .jsonl, .json or .txt files of one type")
-            continue
-        columns = entry.get("columns") or {}
-        column = columns.get("prompt", "text")
-        sources.append(Source(name, tuple(files), column, formats.pop()))
+        train = resolve_sources(section)
+    except DataError as exc:
+        problems.append(str(exc))
+    if section.eval_dataset:
+        try:
+            evals = resolve_sources(section, section.eval_dataset)
+        except DataError as exc:
+            problems.append(str(exc))
     if problems:
         raise DataError("\n  - ".join(problems))
-    return sources
+    return train, evals
 
 
-def iter_documents(source: Source) -> Iterator[str]:
-    """Texts of one source; malformed lines and missing columns are named by file and line."""
-    for file in source.files:
-        if source.format == "txt":
-            with open(file, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    text = _decode(raw, file, lineno).rstrip("\n")
-                    if text.strip():
-                        yield text
-        elif source.format == "jsonl":
-            with open(file, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    line = _decode(raw, file, lineno)
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{file}:{lineno}: malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
-                    yield _column(record, source, file, lineno)
-        else:
-            try:
-                records = json.loads(_decode(file.read_bytes(), file, None))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
-            if not isinstance(records, list):
-                raise DataError(f"{file}: expected a JSON list of records")
-            for i, record in enumerate(records):
-                yield _column(record, source, file, f"record {i}")
+def components(section: "DataSection", tokenizer: Artifact, layout: Layout, seed: int) -> dict:
+    return _components(section, resolve_all(section), tokenizer, layout, seed)
 
 
-def _decode(raw: bytes, file: Path, lineno: int | None) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        where = f"{file}:{lineno}" if lineno else f"{file} (byte {exc.start})"
-        raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-encode the file as UTF-8") from None
-
-
-def _column(record: object, source: Source, file: Path, where: object) -> str:
-    if not isinstance(record, dict) or source.column not in record:
-        found = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{file}:{where}: dataset {source.name!r} has no column {source.column!r} (found: {found}); "
-                        f"set columns.prompt in dataset_info.json")
-    value = record[source.column]
-    if not isinstance(value, str):
-        raise DataError(f"{file}:{where}: column {source.column!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def check_sources(sources: list[Source]) -> None:
-    """Read the first record of every file so column and syntax errors surface before tokenizing."""
-    for source in sources:
-        for file in source.files:
-            single = Source(source.name, (file,), source.column, source.format)
-            if next(iter_documents(single), None) is None:
-                raise DataError(f"{file}: dataset {source.name!r} has no documents (empty file)")
-
-
-def components(section: DataSection, tokenizer: Artifact, layout: Layout, seed: int) -> dict:
-    sources = resolve_sources(section)
+def _components(section: "DataSection", resolved: tuple[list[Source], list[Source]], tokenizer: Artifact,
+                layout: Layout, seed: int) -> dict:
+    train, evals = resolved
     memo = DigestMemo(layout)
-    files = {f"{s.name}/{f.name}": memo.digest(f) for s in sources for f in s.files}
+    files = {f"{s.name}/{f.name}": memo.digest(f) for s in train + evals for f in s.files}
     memo.save()
     config = section.digest_fields()
     config.pop("dataset_dir")  # content, not location
-    if section.val_size:
+    if _uses_seed(section, train + evals):
         config["seed"] = seed
-    columns = {s.name: s.column for s in sources}
-    return {"stage": STAGE, "code": code_version(__name__), "config": {**config, "columns": columns},
+    columns = {s.name: s.column for s in train + evals}
+    sampled = {s.name: s.num_samples for s in train + evals if s.num_samples is not None}
+    return {"stage": STAGE, "code": code_version(*CODE_MODULES),
+            "config": {**config, "columns": columns, **({"num_samples": sampled} if sampled else {})},
             "inputs": {"tokenizer": tokenizer.digest, "files": files}}
 
 
-def prepare_dataset(section: DataSection, tokenizer: Artifact, layout: Layout, seed: int = 42) -> Artifact:
-    """Tokenize and pack the configured datasets into the store (or reuse an identical earlier result)."""
-    sources = resolve_sources(section)
-    check_sources(sources)
+def _uses_seed(section: "DataSection", sources: list[Source]) -> bool:
+    random_mix = section.mix_strategy != "concat" and section.interleave_probs is not None
+    return bool(section.val_size) or random_mix or any(s.num_samples is not None for s in sources)
+
+
+def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout, seed: int = 42) -> Artifact:
+    """Tokenize (through the shard cache), mix and pack the configured datasets, or reuse an identical result."""
+    resolved = resolve_all(section)
+    train_sources, eval_sources = resolved
+    check_sources(_unique(train_sources + eval_sources))
 
     def build(folder: Path) -> dict:
         from ptflow.tokenizer import open_tokenizer
 
         tok = open_tokenizer(tokenizer.path)
-        dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max + 1 else np.uint32
-        per_source, docs = {}, []
-        for source in sources:
-            streams, n_docs = [], 0
-            for ids in _tokenize(source, tok, section.preprocessing_batch_size, section.max_samples):
-                streams.append(ids.astype(dtype, copy=False))
-                n_docs += 1
-            tokens = int(sum(len(s) for s in streams))
-            per_source[source.name] = {"documents": n_docs, "tokens": tokens,
-                                       "mean_doc_tokens": round(tokens / max(n_docs, 1), 1)}
-            log.info("prepare_dataset: %s: %d documents, %d tokens", source.name, n_docs, tokens)
-            docs.extend(streams)
-        blocks, lengths, dropped = (_pack(docs, section.cutoff_len, dtype) if section.packing
-                                    else _truncate(docs, section.cutoff_len, dtype, tok.pad_token_id))
-        if len(blocks) == 0:
-            total = sum(len(d) for d in docs)
-            raise DataError(f"data.dataset: {total} tokens make no block of cutoff_len={section.cutoff_len}; "
+        sources = _unique(train_sources + eval_sources)
+        limits = {s.name: section.max_samples for s in sources if s.num_samples is None}
+        shards = tokenize_sources(sources, {s.name: plan_shards(s) for s in sources}, tok, tokenizer.digest, layout,
+                                  workers=section.preprocessing_num_workers or default_workers(),
+                                  batch_size=section.preprocessing_batch_size, doc_limits=limits)
+        dtype = token_dtype(len(tok))
+        train = _assemble(train_sources, shards, section, seed, dtype)
+        stats: dict = {"cutoff_len": section.cutoff_len, "packing": section.packing, "doc_mask": section.doc_mask,
+                       "mix_strategy": section.mix_strategy, "dtype": dtype.name,
+                       "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        train_rows = _rows(train, section, tok.pad_token_id)
+        if not len(train_rows.blocks):
+            raise DataError(f"data.dataset: {train.total} tokens make no block of cutoff_len={section.cutoff_len}; "
                             "add data or lower data.cutoff_len")
-        train_idx, eval_idx = split_indices(len(blocks), section.val_size, seed)
-        _save(folder, "train", blocks[train_idx], None if lengths is None else lengths[train_idx])
-        _save(folder, "eval", blocks[eval_idx], None if lengths is None else lengths[eval_idx])
-        stats = {"sources": per_source, "cutoff_len": section.cutoff_len, "packing": section.packing,
-                 "train_blocks": int(len(train_idx)), "eval_blocks": int(len(eval_idx)),
-                 "train_tokens": int(len(train_idx) * section.cutoff_len),
-                 "eval_tokens": int(len(eval_idx) * section.cutoff_len),
-                 "dropped_tokens": int(dropped), "dtype": np.dtype(dtype).name,
-                 "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-        log.info("prepare_dataset: %d train blocks, %d eval blocks of %d tokens; %d tokens dropped",
-                 stats["train_blocks"], stats["eval_blocks"], section.cutoff_len, dropped)
+        if eval_sources:
+            held = _assemble(eval_sources, shards, section, seed, dtype)
+            eval_rows = _rows(held, section, tok.pad_token_id)
+            if not len(eval_rows.blocks):
+                raise DataError(f"data.eval_dataset: {held.total} tokens make no block of cutoff_len="
+                                f"{section.cutoff_len}; add eval data or lower data.cutoff_len")
+            parts = {"train": train_rows, "eval": eval_rows}
+            dropped, padding = train_rows.dropped + eval_rows.dropped, train_rows.padding + eval_rows.padding
+            stats["sources"] = {**_source_stats(train, shards), **_source_stats(held, shards, "eval")}
+        else:
+            train_idx, eval_idx = split_indices(len(train_rows.blocks), section.val_size, seed)
+            parts = {"train": train_rows.take(train_idx), "eval": train_rows.take(eval_idx)}
+            dropped, padding = train_rows.dropped, train_rows.padding
+            stats["sources"] = _source_stats(train, shards)
+        for split, rows in parts.items():
+            rows.save(folder, split)
+        stats.update(train_blocks=len(parts["train"].blocks), eval_blocks=len(parts["eval"].blocks),
+                     train_tokens=int(parts["train"].tokens), eval_tokens=int(parts["eval"].tokens),
+                     dropped_tokens=int(dropped), padding_tokens=int(padding),
+                     shards_reused=sum(s.reused for s in shards.values()),
+                     shards_built=sum(s.built for s in shards.values()))
         return stats
 
-    return build_or_reuse(layout, STAGE, components(section, tokenizer, layout, seed), build)
+    artifact = build_or_reuse(layout, STAGE, _components(section, resolved, tokenizer, layout, seed), build)
+    log_summary(artifact)
+    return artifact
 
 
-def _tokenize(source: Source, tok, batch_size: int, max_samples: int | None) -> Iterator[np.ndarray]:
-    from tqdm.auto import tqdm
-
-    eos = tok.eos_token_id
-    batch, seen = [], 0
-    progress = tqdm(desc=f"tokenize {source.name}", unit="doc", disable=None, leave=False)
-    for text in iter_documents(source):
-        if max_samples is not None and seen >= max_samples:
-            break
-        batch.append(text)
-        seen += 1
-        if len(batch) == batch_size:
-            yield from _encode(tok, batch, eos)
-            progress.update(len(batch))
-            batch = []
-    if batch:
-        yield from _encode(tok, batch, eos)
-        progress.update(len(batch))
-    progress.close()
+def _unique(sources: list[Source]) -> list[Source]:
+    return list({s.name: s for s in sources}.values())
 
 
-def _encode(tok, texts: list[str], eos: int) -> Iterator[np.ndarray]:
-    for ids in tok(texts, add_special_tokens=False, verbose=False)["input_ids"]:
-        yield np.fromiter((*ids, eos), dtype=np.int64, count=len(ids) + 1)
+# --------------------------------------------------------------------------- assembly
 
 
-def _pack(docs: list[np.ndarray], cutoff_len: int, dtype) -> tuple[np.ndarray, None, int]:
-    stream = np.concatenate(docs) if docs else np.zeros(0, dtype=dtype)
-    n_blocks = len(stream) // cutoff_len
-    return stream[: n_blocks * cutoff_len].reshape(n_blocks, cutoff_len), None, len(stream) - n_blocks * cutoff_len
+@dataclass
+class Assembled:
+    """The mixed documents of one split as one token stream, with per-source accounting."""
+
+    stream: np.ndarray
+    doc_ends: np.ndarray
+    per_source: dict[str, tuple[int, int]]  # name -> (documents, tokens) in the mix
+
+    @property
+    def total(self) -> int:
+        return len(self.stream)
 
 
-def _truncate(docs: list[np.ndarray], cutoff_len: int, dtype, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
-    blocks = np.full((len(docs), cutoff_len), pad_id, dtype=dtype)
-    lengths = np.zeros(len(docs), dtype=np.int32)
-    dropped = 0
-    for i, doc in enumerate(docs):
-        n = min(len(doc), cutoff_len)
-        blocks[i, :n] = doc[:n]
-        lengths[i] = n
-        dropped += len(doc) - n
-    return blocks, lengths, dropped
+def _assemble(sources: list[Source], shards: dict[str, SourceShards], section: "DataSection", seed: int,
+              dtype: np.dtype) -> Assembled:
+    tokens, starts, lengths, selections = [], [], [], []
+    offset = 0
+    for source in sources:
+        arrays = [open_shard(r.path) for r in shards[source.name].shards]
+        ends = _chain_ends([e for _, e in arrays], [len(t) for t, _ in arrays])
+        doc_starts_ = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        tokens.append(np.concatenate([t for t, _ in arrays]) if arrays else np.zeros(0, dtype))
+        starts.append(doc_starts_ + offset)
+        lengths.append(ends - doc_starts_)
+        selections.append(select(len(ends), source.name, source.num_samples, section.max_samples, seed))
+        offset += len(tokens[-1])
+    identity = section.mix_strategy == "concat" and all(
+        len(sel) == len(ln) and (sel == np.arange(len(ln))).all() for sel, ln in zip(selections, lengths))
+    source_of, doc = mix(selections, section.mix_strategy if len(sources) > 1 else "concat",
+                         section.interleave_probs, seed)
+    per_source = {}
+    for s, source in enumerate(sources):
+        mine = lengths[s][doc[source_of == s]]
+        per_source[source.name] = (len(mine), int(mine.sum()))
+    if identity:  # the common case: everything in order, no gather needed
+        stream = np.concatenate(tokens).astype(dtype, copy=False)
+        ends = np.cumsum(np.concatenate(lengths))
+        return Assembled(stream, ends, per_source)
+    global_starts = np.concatenate(starts)
+    global_lengths = np.concatenate(lengths)
+    base = np.concatenate([[0], np.cumsum([len(ln) for ln in lengths])[:-1]]).astype(np.int64)
+    ids = base[source_of] + doc
+    doc_len = global_lengths[ids]
+    ends = np.cumsum(doc_len)
+    everything = np.concatenate(tokens)
+    gather = np.repeat(global_starts[ids] - (ends - doc_len), doc_len) + np.arange(int(ends[-1]) if len(ends) else 0)
+    return Assembled(everything[gather].astype(dtype, copy=False), ends, per_source)
+
+
+def _chain_ends(ends: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """Doc ends of consecutive shards as ends in their concatenation."""
+    if not ends:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return np.concatenate([e + s for e, s in zip(ends, shift)]).astype(np.int64)
+
+
+@dataclass
+class Rows:
+    """Blocks of one split, with per-block lengths (packing: false) or document starts (doc_mask)."""
+
+    blocks: np.ndarray
+    lengths: np.ndarray | None = None
+    doc_offsets: np.ndarray | None = None
+    doc_starts: np.ndarray | None = None
+    dropped: int = 0
+    padding: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return int(self.blocks.size if self.lengths is None else self.lengths.sum())
+
+    def take(self, index: np.ndarray) -> "Rows":
+        if len(index) == len(self.blocks) and (index == np.arange(len(self.blocks))).all():
+            return self
+        offsets, starts = (select_rows(self.doc_offsets, self.doc_starts, index) if self.doc_offsets is not None
+                           else (None, None))
+        return Rows(self.blocks[index], None if self.lengths is None else self.lengths[index], offsets, starts)
+
+    def save(self, folder: Path, split: str) -> None:
+        np.save(folder / f"{split}.npy", np.ascontiguousarray(self.blocks))
+        if self.lengths is not None:
+            np.save(folder / f"{split}_lengths.npy", self.lengths)
+        if self.doc_offsets is not None:
+            save_doc_starts(folder, split, self.doc_offsets, self.doc_starts)
+
+
+def _rows(assembled: Assembled, section: "DataSection", pad_id: int) -> Rows:
+    if not section.packing:
+        blocks, lengths, dropped, padding = truncate(assembled.stream, assembled.doc_ends, section.cutoff_len, pad_id)
+        return Rows(blocks, lengths, dropped=dropped, padding=padding)
+    blocks, dropped = pack(assembled.stream, section.cutoff_len)
+    rows = Rows(blocks, dropped=dropped)
+    if section.doc_mask:
+        rows.doc_offsets, rows.doc_starts = doc_starts(assembled.doc_ends, len(blocks), section.cutoff_len)
+    return rows
 
 
 def split_indices(n_blocks: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,10 +263,38 @@ def split_indices(n_blocks: int, val_size: float, seed: int) -> tuple[np.ndarray
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-def _save(folder: Path, split: str, blocks: np.ndarray, lengths: np.ndarray | None) -> None:
-    np.save(folder / f"{split}.npy", np.ascontiguousarray(blocks))
-    if lengths is not None:
-        np.save(folder / f"{split}_lengths.npy", lengths)
+# --------------------------------------------------------------------------- stats and reading
+
+
+def _source_stats(assembled: Assembled, shards: dict[str, SourceShards], split: str = "train") -> dict:
+    out = {}
+    for name, (documents, tokens) in assembled.per_source.items():
+        s = shards[name]
+        entry = {"documents": documents, "tokens": tokens, "mean_doc_tokens": round(tokens / max(documents, 1), 1),
+                 "files": len(s.source.files), "shards": len(s.shards), "shards_reused": s.reused,
+                 "cache": s.reason}
+        out[name if split == "train" else f"{name} (eval)"] = entry
+    return out
+
+
+def log_summary(artifact: Artifact) -> None:
+    """The per-dataset table and the block counts, from the manifest (also on a hit)."""
+    stats = artifact.stats
+    rows = [("dataset", "shards", "reused", "documents", "tokens", "mean", "token cache")]
+    for name, s in stats.get("sources", {}).items():
+        rows.append((name, str(s.get("shards", "")), str(s.get("shards_reused", "")), f"{s['documents']:,}",
+                     f"{s['tokens']:,}", f"{s['mean_doc_tokens']:.1f}", s.get("cache", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1]
+             for r in rows]
+    what = "reused" if artifact.hit else "built"
+    log.info("prepare_dataset: %s %s\n  %s", what, artifact.key[:12], "\n  ".join(lines))
+    unit = "blocks" if stats.get("packing", True) else "documents (one block each)"
+    log.info("prepare_dataset: %d train and %d eval %s of %d tokens; %d tokens dropped (%s), %d padding",
+             stats.get("train_blocks", 0), stats.get("eval_blocks", 0), unit, stats.get("cutoff_len", 0),
+             stats.get("dropped_tokens", 0),
+             "final partial block only" if stats.get("packing", True) else "cut by cutoff_len",
+             stats.get("padding_tokens", 0))
 
 
 def open_blocks(artifact: Artifact | str | Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -276,3 +303,8 @@ def open_blocks(artifact: Artifact | str | Path, split: str) -> tuple[np.ndarray
     blocks = np.load(folder / f"{split}.npy", mmap_mode="r")
     lengths_path = folder / f"{split}_lengths.npy"
     return blocks, (np.load(lengths_path) if lengths_path.exists() else None)
+
+
+def open_doc_starts(artifact: Artifact | str | Path, split: str) -> DocStarts | None:
+    """Per-block document starts of one split (`starts[i]` for block i), or None when doc_mask was off."""
+    return load_doc_starts(Path(artifact.path if isinstance(artifact, Artifact) else artifact), split)

@@ -43,6 +43,14 @@ class TrainingError(PtflowError):
     """Training diverged (NaN/inf) or cannot proceed."""
 
 
+class HubError(PtflowError):
+    """The Hugging Face Hub refused a request (auth, permissions, missing repo) or stayed unreachable."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
 class PreflightError(ConfigError):
     """The config is well-formed but does not fit the model, data or machine it names."""
 

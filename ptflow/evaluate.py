@@ -3,7 +3,13 @@
 The loss is the sum of per-token losses over all predicted tokens divided by their count
 (not a mean of batch means), so it does not depend on the batch size. Perplexity is
 exp(eval_loss), `inf` on overflow, as LLaMA-Factory reports it. The result records the eval
-set's digest and token count: two perplexities compare only when those match.
+set's digest and token count: two perplexities compare only when those match. The model runs
+on the GPU when there is one (bf16 autocast where supported), `per_device_eval_batch_size`
+blocks at a time. Writes LLaMA-Factory's eval_results.json and all_results.json.
+
+Evaluate-only (`train.do_train: false`): `existing_model` turns the folder at
+model_name_or_path into an artifact keyed by its files' content (weights, config, tokenizer),
+so re-evaluating an unchanged model is a cache hit wherever the folder lives.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptflow.config import EvalSection
+from ptflow.config import EvalSection, ModelSection
 from ptflow.dataset import open_blocks
+from ptflow.errors import DataError, ModelError
 from ptflow.layout import Layout
-from ptflow.store import Artifact, build_or_reuse, code_version, sha256_file
+from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version, sha256_file, sha256_json
 
 log = logging.getLogger("ptflow.evaluate")
 
 STAGE = "evaluate"
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json", "adapter_config.json")
 
 
 def batch_tensors(blocks: np.ndarray, lengths: np.ndarray | None, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -87,6 +95,12 @@ def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: L
         started = time.perf_counter()
         loss, n_tokens = eval_loss(net, blocks, lengths, section.per_device_eval_batch_size, device, autocast)
         runtime = time.perf_counter() - started
+        del net
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if n_tokens == 0:
+            raise DataError("evaluate: the held-out blocks hold no predicted tokens (blocks of one token?); "
+                            "raise data.cutoff_len or data.val_size")
         train_results = model.dir / "train_results.json"
         epoch = json.loads(train_results.read_text()).get("epoch") if train_results.exists() else None
         results = {"epoch": epoch, "eval_loss": loss, "perplexity": perplexity(loss),
@@ -94,16 +108,50 @@ def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: L
                    "eval_samples_per_second": round(len(blocks) / runtime, 3) if runtime else None,
                    "eval_steps_per_second": round(math.ceil(len(blocks) / section.per_device_eval_batch_size) / runtime, 3)
                    if runtime else None,
-                   "eval_tokens": n_tokens, "eval_blocks": int(len(blocks)), "eval_set_digest": eval_set_digest(dataset)}
+                   "eval_tokens": n_tokens, "eval_blocks": int(len(blocks)), "eval_set_digest": eval_set_digest(dataset),
+                   "model_digest": model.digest, "device": device.type}
         (folder / "eval_results.json").write_text(json.dumps(results, indent=2))
         merged = {**(json.loads(train_results.read_text()) if train_results.exists() else {}), **results}
         (folder / "all_results.json").write_text(json.dumps(merged, indent=2))
-        log.info("evaluate: eval_loss %.4f, perplexity %.2f on %d tokens", loss, results["perplexity"], n_tokens)
+        log.info("evaluate: eval_loss %.4f, perplexity %.2f on %d tokens (%s)", loss, results["perplexity"], n_tokens,
+                 device)
         return results
 
     blocks, _ = open_blocks(dataset, "eval")
     if len(blocks) == 0:
-        from ptflow.errors import DataError
-
         raise DataError("eval.do_eval needs held-out blocks: set data.val_size (e.g. 0.05) or eval.do_eval: false")
     return build_or_reuse(layout, STAGE, components(section, model, dataset), build)
+
+
+def existing_model(section: ModelSection, layout: Layout) -> Artifact:
+    """The saved model (or LoRA adapter) at model_name_or_path, keyed by its files' content (do_train: false).
+
+    Not copied into the store: the artifact points at the folder (or its Hugging Face cache
+    snapshot) and its digest covers the weights, model config and tokenizer files, so any change
+    to them misses while a moved or renamed folder still hits. Result files in the folder
+    (eval_results.json, ...) are not part of the key.
+    """
+    from ptflow.tokenizer import TOKENIZER_FILES, resolve_model_dir
+
+    model_dir = resolve_model_dir(section, weights=True)
+    weights = sorted(model_dir.glob("*.safetensors"))
+    adapter = (model_dir / "adapter_config.json").is_file()
+    missing = [what for what, present in (("config.json (or adapter_config.json)", adapter or
+                                            (model_dir / "config.json").is_file()),
+                                           ("*.safetensors weights", bool(weights))) if not present]
+    if missing:
+        raise ModelError(f"train.do_train: false evaluates the model in {model_dir}, but it has no "
+                         f"{' and no '.join(missing)}. Point model.model_name_or_path at a trained model (e.g. an "
+                         "earlier run's output_dir) or set train.do_train: true")
+    names = [*MODEL_CONFIG_FILES, *TOKENIZER_FILES, *(p.name for p in weights), "model.safetensors.index.json"]
+    memo = DigestMemo(layout)
+    files = {name: memo.digest(model_dir / name) for name in sorted(set(names)) if (model_dir / name).is_file()}
+    memo.save()
+    digest = sha256_json(files)
+    stats = {"source": section.model_name_or_path, "finetuning_type": "lora" if adapter else "full", "files": files}
+    train_results = model_dir / "train_results.json"
+    if train_results.is_file():
+        stats.update({k: v for k, v in json.loads(train_results.read_text()).items() if k in ("train_loss", "epoch")})
+    log.info("evaluate: evaluating the existing model %s (digest %s)", model_dir, digest[:12])
+    return Artifact(stage="model", key=digest[:32], path=str(model_dir), digest=digest, stats=stats, hit=True,
+                    reason="existing model (train.do_train: false), keyed by its files' content")

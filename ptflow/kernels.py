@@ -37,10 +37,28 @@ def apply_speedups(model, train: TrainSection) -> list[str]:
                                         swiglu=body_kernels, fused_linear_cross_entropy=True)
         applied.append("liger fused linear cross-entropy" + (" + RMSNorm/SwiGLU/RoPE" if body_kernels else ""))
     if train.torch_compile:
-        if train.enable_liger_kernel:
-            getattr(causal_lm, causal_lm.base_model_prefix).compile(dynamic=False)
+        decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+        if train.compile_scope == "layers":
+            for layer in decoder.layers:
+                layer.compile(dynamic=False)
+            applied.append("torch.compile (each decoder layer)")
+        elif train.enable_liger_kernel:
+            decoder.compile(dynamic=False)
             applied.append("torch.compile (decoder)")
         else:
             model.compile(dynamic=False)
             applied.append("torch.compile (whole model)")
     return applied
+
+
+def attention_backend(train: TrainSection):
+    """Context manager pinning PyTorch SDPA to the configured kernel (no-op for auto)."""
+    from contextlib import nullcontext
+
+    if train.sdpa_backend == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[train.sdpa_backend]
+    return sdpa_kernel([backend])

@@ -3,11 +3,16 @@
     <root>/cache/<stage>/<key>/          a finished artifact (manifest.json last, then renamed in)
     <root>/cache/<stage>/<key>.work/     a resumable stage's work in progress (training checkpoints)
     <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read, swept when stale
+    <root>/cache/<stage>/index.json      a stage's bookkeeping (tokenize: what each file was last tokenized with)
     <root>/runs/<run_name>/              the default output_dir of a run
     <root>/prefect-results/              Prefect's persisted task results (its cache records)
+    <root>/lineage/<run_name>.jsonl      the models a run_name has trained, oldest first (continual pretraining)
 
-The root is `store:` from the config, else $PTFLOW_HOME, else ~/.cache/ptflow. Nothing is
-created at import; folders appear when a stage writes.
+The root is `store:` from the config, else $PTFLOW_HOME, else ~/.cache/ptflow: a local folder,
+a `file://` URL, or a shared filesystem (NFS, EFS, Filestore, a mounted bucket) that every
+worker mounts at the same path, so CPU and GPU workers find each other's artifacts. Object
+store URLs (s3://, gs://) are refused with that advice. Nothing is created at import;
+folders appear when a stage writes.
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ class Layout:
     def resolve(cls, store: str | None = None) -> "Layout":
         root = store or os.environ.get("PTFLOW_HOME") or Path.home() / ".cache" / "ptflow"
         if "://" in str(root):
-            raise StoreError(f"store {root!r}: remote stores are not supported yet; use a local or shared-filesystem path")
+            from fsspec.utils import infer_storage_options
+
+            options = infer_storage_options(str(root))
+            if options["protocol"] not in ("file", "local"):
+                raise StoreError(f"store {root!r}: remote stores are not supported yet; mount the bucket or a shared "
+                                 "filesystem at the same path on every worker (NFS, EFS, Filestore, s3fs, gcsfuse) "
+                                 "and set store: (or PTFLOW_HOME) to that path. See docs/deploy.md.")
+            root = options["path"]
         return cls(root)
 
     def stage_dir(self, stage: str) -> Path:
@@ -41,11 +53,18 @@ class Layout:
     def work(self, stage: str, key: str) -> Path:
         return self.stage_dir(stage) / f"{key}.work"
 
+    def stage_index(self, stage: str) -> Path:
+        """A stage's own bookkeeping file (token shards: what each file was last tokenized with)."""
+        return self.stage_dir(stage) / "index.json"
+
     def tmp(self, stage: str, key: str) -> Path:
         return self.stage_dir(stage) / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def prefect_results(self) -> Path:
         return self.root / "prefect-results"
+
+    def lineage_file(self, run_name: str) -> Path:
+        return self.root / "lineage" / f"{run_name}.jsonl"
 
     def run_dir(self, run_name: str) -> Path:
         return self.root / "runs" / run_name

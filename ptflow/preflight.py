@@ -2,7 +2,10 @@
 
 Everything here is cheap (reads config.json, dataset_info.json and each data file's first
 record), so a wrong path or column fails in seconds instead of after tokenization or on a
-booked GPU. All problems are collected and raised together as one `PreflightError`.
+booked GPU. With `output.push_to_hub` it also asks the Hub who the token belongs to and
+whether it may write to the target repo (one whoami call), so a bad token fails before
+training rather than after it. All problems are collected and raised together as one
+`PreflightError`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ def preflight(config: RunConfig, source: str = "config") -> None:
     try:
         model_dir = resolve_model_dir(config.model, weights=not config.model.train_from_scratch)
         tokenizer_source_files(model_dir)
-        model_files(model_dir, config.model.train_from_scratch)
+        if config.train.do_train:
+            model_files(model_dir, config.model.train_from_scratch)
     except PtflowError as exc:
         problems.append(str(exc))
+    if not config.train.do_train:
+        problems += _evaluate_only(config, model_dir)
     if model_dir is not None and (model_dir / "config.json").is_file():
         model_config = json.loads((model_dir / "config.json").read_text())
         max_pos = model_config.get("max_position_embeddings")
@@ -47,8 +53,38 @@ def preflight(config: RunConfig, source: str = "config") -> None:
         problems.append(f"output.output_dir: {out} is a file; give a folder path")
     else:
         problems += _writable(out, "output.output_dir")
+    if config.output.push_to_hub and not problems:  # only worth a network call once everything else is right
+        from ptflow.publish import check_access
+
+        problems += check_access(config.output, config.run_name)
     if problems:
         raise PreflightError(source, problems)
+
+
+def _evaluate_only(config: RunConfig, model_dir: Path | None) -> list[str]:
+    """train.do_train: false evaluates an existing model: it needs weights, held-out data and somewhere to write."""
+    problems = []
+    if config.model.train_from_scratch:
+        problems.append("train.do_train: false with model.train_from_scratch: true would evaluate random weights; "
+                        "set train_from_scratch: false and point model.model_name_or_path at a trained model")
+    if not config.eval.do_eval:
+        problems.append("train.do_train: false with eval.do_eval: false leaves nothing to do; set eval.do_eval: true")
+    if not config.data.val_size and not getattr(config.data, "eval_dataset", None):
+        problems.append("train.do_train: false evaluates on held-out blocks: set data.val_size (e.g. 0.05)"
+                        + (" or data.eval_dataset" if "eval_dataset" in type(config.data).model_fields else ""))
+    if config.output.push_to_hub:
+        problems.append("output.push_to_hub: an evaluate-only run (train.do_train: false) has no model of its own "
+                        "to publish; set push_to_hub: false")
+    if model_dir is not None:
+        weights = list(model_dir.glob("*.safetensors"))
+        if not weights or not ((model_dir / "config.json").is_file() or (model_dir / "adapter_config.json").is_file()):
+            problems.append(f"model.model_name_or_path: {model_dir} has no saved model (config.json or "
+                            "adapter_config.json, and *.safetensors) to evaluate with train.do_train: false")
+        out = Layout.resolve(config.store).output_dir(config.output.output_dir, config.run_name)
+        if out.resolve() == model_dir.resolve():
+            problems.append(f"output.output_dir: {out} is the model folder being evaluated; ptflow never writes into "
+                            "its inputs: choose another output_dir")
+    return problems
 
 
 def _writable(path: Path, what: str) -> list[str]:

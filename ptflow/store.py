@@ -243,20 +243,24 @@ def build_or_reuse(
     *,
     resumable: bool = False,
     skip_digest: Callable[[str], bool] = lambda rel: False,
+    quiet: bool = False,
 ) -> Artifact:
     """Return the artifact for these components, building it with `build(folder) -> stats` on a miss.
 
     `resumable` stages build in a stable `<key>.work` folder that survives a crash, so the
     next attempt can pick up its checkpoints; others build in a throwaway temp folder.
+    `quiet` is for many small artifacts (token shards) whose caller explains hits and misses
+    itself: it logs at debug level and skips the scan for the newest artifact to compare with.
     """
     key = stage_key(components)
     with key_lock(layout, stage, key):
         found, damage = lookup(layout, stage, key)
         if found:
-            log.info("%s: hit %s (all key components unchanged)", stage, key[:12])
+            log.log(logging.DEBUG if quiet else logging.INFO, "%s: hit %s (all key components unchanged)", stage,
+                    key[:12])
             return found.as_cached("all key components unchanged")
-        reason = damage or explain_miss(layout, stage, components)
-        log.info("%s: miss %s (%s)", stage, key[:12], reason)
+        reason = damage or ("not built yet" if quiet else explain_miss(layout, stage, components))
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s: miss %s (%s)", stage, key[:12], reason)
         final = layout.artifact(stage, key)
         if damage:
             shutil.rmtree(final, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from ptflow.dataset import open_blocks
 from ptflow.errors import DataError, TrainingError
 from ptflow.evaluate import batch_tensors, eval_loss, perplexity
 from ptflow.layout import Layout
-from ptflow.kernels import apply_speedups, base_causal_lm
+from ptflow.kernels import apply_speedups, attention_backend, base_causal_lm
 from ptflow.model import build_model, count_parameters, model_files, setup_finetuning
 from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version, sha256_json
 from ptflow.telemetry import flops_per_token, format_seconds, peak_flops, peak_memory_gib
@@ -188,7 +189,8 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
             window.wait_s += time.perf_counter() - wait_start
             step_loss = torch.zeros((), device=device)
             for i, (ids, labels, mask) in enumerate(batches):
-                with accelerator.no_sync(net) if i < accum - 1 and world > 1 else nullcontext(), autocast:
+                with accelerator.no_sync(net) if i < accum - 1 and world > 1 else nullcontext(), autocast, \
+                        attention_backend(train):
                     loss = net(input_ids=ids, labels=labels, attention_mask=mask).loss / accum
                 accelerator.backward(loss)
                 step_loss += loss.detach().float()
@@ -243,6 +245,8 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                     ckpt.save_checkpoint(folder, done, accelerator.unwrap_model(net), optimizer, scheduler, fingerprint,
                                          {"trainer_state": state, "tokens_seen": done * tokens_per_step})
                     ckpt.rotate(folder, train.save_total_limit)
+            if done == int(os.environ.get("PTFLOW_TEST_FAIL_AFTER_STEP", 0)):  # fault injection for tests
+                raise TrainingError(f"train: injected failure after step {done} (PTFLOW_TEST_FAIL_AFTER_STEP)")
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
         progress.close()

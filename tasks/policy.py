@@ -7,23 +7,23 @@ record can never point at deleted or damaged files. Retries are for transient er
 
 from __future__ import annotations
 
-import inspect
 from types import ModuleType
 
 from ptflow.errors import is_transient
+from ptflow.plan import stage_components
 from ptflow.store import is_cached, stage_key
 
 
 def content_key(stage_module: ModuleType):
     """A `cache_key_fn` built from the stage module's `components(...)` function."""
-    accepted = set(inspect.signature(stage_module.components).parameters)
 
     def key_fn(context, parameters: dict) -> str | None:
-        parts = stage_module.components(**{k: v for k, v in parameters.items() if k in accepted})
+        parts = stage_components(stage_module, parameters)
         if not is_cached(parameters["layout"], stage_module.STAGE, parts):
             return None
         return f"ptflow-{stage_module.STAGE}-{stage_key(parts)}"
 
+    key_fn.stage_module = stage_module  # lets the flow predict hit/miss and name the task run before it runs
     return key_fn
 
 

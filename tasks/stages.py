@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 
-from ptflow import card, dataset, evaluate as evaluation, plot, tokenizer, train as training
-from ptflow.config import DataSection, EvalSection, ModelSection, RunConfig, TrainSection
+from ptflow import card, dataset, evaluate as evaluation, plot, publish, tokenizer, train as training
+from ptflow.config import DataSection, EvalSection, ModelSection, OutputSection, RunConfig, TrainSection
 from ptflow.layout import Layout
 from ptflow.store import Artifact
 from tasks.policy import STAGE_OPTIONS, content_key
@@ -53,3 +56,10 @@ def plot_loss(model: Artifact, layout: Layout) -> Artifact:
 def write_model_card(config: RunConfig, tokenizer: Artifact, dataset: Artifact, model: Artifact,
                      evaluation: Artifact | None, plots: Artifact | None, layout: Layout, provenance: dict) -> Artifact:
     return card.write_model_card(config, tokenizer, dataset, model, evaluation, plots, layout, provenance)
+
+
+@task(name="publish", cache_policy=NO_CACHE, persist_result=False)  # a side effect: never cached; retries inside
+def push_to_hub(section: OutputSection, output_dir: Path, artifacts: list[Artifact | None], run_name: str,
+                data_digest: str, flow_run: str) -> publish.PublishResult:
+    return publish.publish(section, output_dir, artifacts, run_name=run_name, data_digest=data_digest,
+                           flow_run=flow_run)

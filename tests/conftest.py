@@ -8,45 +8,16 @@ seconds. `make_config(**sections)` gives a validated RunConfig pointing at these
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tiny_assets import ASSETS, CORPUS_LINES, QUICKSTART, copy_tokenizer, tiny_llama_config, write_dataset_info
+
 # No test may reach the network: make the Hub client cache-only before anything imports it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart"
-ASSETS = Path(__file__).resolve().parent / "assets"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-CORPUS_LINES = 200
-
-TINY_LLAMA = dict(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0,
-                  eos_token_id=1, pad_token_id=2, use_cache=False)
-
-
-def tiny_llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**TINY_LLAMA)
-
-
-def copy_tokenizer(dst: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(QUICKSTART / "model" / name, dst / name)
-    return dst
-
-
-def write_dataset_info(data_dir: Path, entries: dict[str, dict]) -> Path:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "dataset_info.json").write_text(json.dumps(entries, indent=2))
-    return data_dir
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +87,19 @@ def make_config(tiny_model_dir, tiny_data_dir):
         return validate_config(merge(base, sections), "test")
 
     return build
+
+
+@pytest.fixture(scope="session")
+def session_layout(tmp_path_factory):
+    """A store shared by session-scoped artifacts (tests that count hits use the per-test `layout`)."""
+    from ptflow.layout import Layout
+
+    return Layout(tmp_path_factory.mktemp("session-store"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_artifact(tiny_model_dir, session_layout):
+    from ptflow.config import ModelSection
+    from ptflow.tokenizer import load_tokenizer
+
+    return load_tokenizer(ModelSection(model_name_or_path=str(tiny_model_dir)), session_layout)

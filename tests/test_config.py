@@ -228,3 +228,22 @@ def test_train_digest_ignores_logging_and_checkpoint_cadence():
     b = TrainSection(logging_steps=50, save_steps=500)
     assert a.digest_fields() == b.digest_fields()
     assert TrainSection(learning_rate=1e-3).digest_fields() != b.digest_fields()
+
+
+def test_preflight_accepts_the_tiny_assets(make_config, tmp_path):
+    from ptflow.preflight import preflight
+
+    preflight(make_config(store=str(tmp_path / "store")))
+    assert not (tmp_path / "store").exists()  # checking writes nothing
+
+
+def test_preflight_reports_every_mismatch_at_once(make_config, tmp_path):
+    from ptflow.errors import PreflightError
+    from ptflow.preflight import preflight
+
+    config = make_config(store=str(tmp_path / "store"), data={"cutoff_len": 256, "dataset": "stdlib_docs,nope"})
+    with pytest.raises(PreflightError) as info:
+        preflight(config, "tiny.yaml")
+    assert len(info.value.problems) == 2
+    assert "data.cutoff_len: 256 is beyond the model's max_position_embeddings 128" in info.value.problems[0]
+    assert "data.dataset: 'nope' is not in" in info.value.problems[1]

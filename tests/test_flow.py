@@ -93,3 +93,20 @@ def test_bad_config_fails_before_any_stage(first_run, store):
     with pytest.raises(ConfigError, match=r"train\.learnig_rate.*Did you mean train\.learning_rate"):
         run_flow(store, "train.learnig_rate=1e-3")
     assert sorted(p.name for p in (store / "cache").iterdir()) == before
+
+
+def test_forced_stage_is_rebuilt_named_so_and_identical_output_lets_training_hit(first_run, store):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    summary, _ = run_flow(store, "orchestration.force=[prepare_dataset]")
+    rows = {row["stage"]: row for row in summary["stages"]}
+    assert (rows["prepare_dataset"]["cache"], rows["prepare_dataset"]["reason"]) == (
+        "miss", "forced by orchestration.force/from_stage")
+    assert {s: rows[s]["cache"] for s in ("load_tokenizer", "train", "evaluate", "plot_loss")} == dict.fromkeys(
+        ("load_tokenizer", "train", "evaluate", "plot_loss"), "hit")  # the rebuilt dataset has the same digest
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        names = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+    assert {"load_tokenizer [hit]", "prepare_dataset [forced]", "train [hit]", "evaluate [hit]"} <= names

@@ -1,0 +1,367 @@
+"""The token cache: every shard of every source file tokenized once, stored by content, reused by any config.
+
+A shard (ptflow/sources.py: a byte range of a file, or a group of row groups) is an artifact of
+the `tokenize` stage whose key is (file bytes sha256, shard range, format, text column, tokenizer
+digest, this code's version): never a path or a config. It holds `tokens.npy` (each document's
+ids followed by EOS, concatenated; uint16 when the vocabulary fits) and `doc_ends.npy` (cumulative
+document ends, int64). So a dataset is an assembly of cached shards: a config that shares a file
+with an earlier one reuses its shards, adding a file to a folder tokenizes only that file, a new
+tokenizer re-tokenizes everything, and packing settings (cutoff_len, packing, doc_mask) never
+re-tokenize. Each shard is written atomically, so an interrupted preparation resumes with the
+shards that were not finished.
+
+Tokenization runs in a pool of `preprocessing_num_workers` processes (default: every core), each
+encoding whole shards with the Rust tokenizer (`encode_batch_fast`, no offsets) and writing
+numpy arrays; small jobs run in-process, where the Rust tokenizer itself uses every core.
+
+    results = tokenize_sources(plans, tokenizer, tokenizer_digest, layout, workers=None)
+    tokens, doc_ends = open_shard(results["corpus"].shards[0].path)
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from ptflow.errors import DataError
+from ptflow.layout import Layout
+from ptflow.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
+from ptflow.store import DigestMemo, build_or_reuse, code_version, key_lock, lookup, stage_key, write_json_atomic
+
+log = logging.getLogger("ptflow.shards")
+
+STAGE = "tokenize"
+CODE_MODULES = ("ptflow.shards", "ptflow.sources")
+INLINE_BYTES = 4 << 20  # below this much text to tokenize, starting worker processes costs more than it saves
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What a worker needs to tokenize exactly as the parent would: the serialized Rust tokenizer, EOS, dtype."""
+
+    tokenizer_json: str | None
+    eos_token_id: int
+    dtype: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    shard: Shard
+    key: str
+    components: dict
+    size: int  # bytes of text, for progress and scheduling
+
+
+@dataclass
+class ShardResult:
+    shard: Shard
+    path: str
+    documents: int
+    tokens: int
+    hit: bool
+    seconds: float = 0.0
+
+
+@dataclass
+class SourceShards:
+    """The cached shards of one source, in reading order, and why they were reused or built."""
+
+    source: Source
+    shards: list[ShardResult] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def reused(self) -> int:
+        return sum(r.hit for r in self.shards)
+
+    @property
+    def built(self) -> int:
+        return sum(not r.hit for r in self.shards)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+
+def encoding_for(tokenizer, batch_size: int) -> Encoding:
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    return Encoding(backend.to_str() if backend is not None else None, int(tokenizer.eos_token_id),
+                    token_dtype(len(tokenizer)).name, batch_size)
+
+
+def shard_components(shard: Shard, file_digest: str, tokenizer_digest: str, code: str) -> dict:
+    return {"stage": STAGE, "code": code,
+            "config": {"format": shard.format, "compression": shard.compression, "column": shard.column,
+                       "range": [shard.start, shard.stop]},
+            "inputs": {"file": file_digest, "tokenizer": tokenizer_digest}}
+
+
+def encode_texts(texts: list[str], encode: Callable[[list[str]], list[list[int]]], eos: int, dtype: np.dtype,
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens: each text's ids + EOS, concatenated; doc_ends: cumulative end of each document)."""
+    parts, lengths = [], []
+    for start in range(0, len(texts), batch_size):
+        ids = encode(texts[start: start + batch_size])
+        for doc in ids:
+            doc.append(eos)
+        n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        parts.append(np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(n.sum())))
+        lengths.append(n)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    ends = np.cumsum(np.concatenate(lengths)) if lengths else np.zeros(0, dtype=np.int64)
+    return tokens, ends
+
+
+def fast_encoder(backend) -> Callable[[list[str]], list[list[int]]]:
+    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: ~5% faster
+    return lambda texts: [e.ids for e in batch(texts, add_special_tokens=False)]
+
+
+def slow_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    return lambda texts: [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def tokenize_shard(layout: Layout, task: ShardTask, encode: Callable, encoding: Encoding) -> ShardResult:
+    """Build (or find) one shard's artifact."""
+    started = time.perf_counter()
+
+    def build(folder: Path) -> dict:
+        texts = read_shard(task.shard)
+        tokens, ends = encode_texts(texts, encode, encoding.eos_token_id, np.dtype(encoding.dtype),
+                                    encoding.batch_size)
+        np.save(folder / "tokens.npy", tokens)
+        np.save(folder / "doc_ends.npy", ends)
+        return {"documents": len(ends), "tokens": int(tokens.size), "file": task.shard.file,
+                "range": [task.shard.start, task.shard.stop]}
+
+    artifact = build_or_reuse(layout, STAGE, task.components, build, quiet=True)
+    return ShardResult(task.shard, artifact.path, artifact.stats["documents"], artifact.stats["tokens"], artifact.hit,
+                       time.perf_counter() - started)
+
+
+def open_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, doc_ends) of a cached shard, memory-mapped."""
+    folder = Path(path)
+    return np.load(folder / "tokens.npy", mmap_mode="r"), np.load(folder / "doc_ends.npy")
+
+
+# --------------------------------------------------------------------------- worker processes
+
+_WORKER: dict = {}
+
+
+def _init_worker(root: str, encoding: Encoding) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
+    from tokenizers import Tokenizer
+
+    _WORKER.update(layout=Layout(root), encoding=encoding,
+                   encode=fast_encoder(Tokenizer.from_str(encoding.tokenizer_json)))
+
+
+def _work(task: ShardTask) -> ShardResult:
+    return tokenize_shard(_WORKER["layout"], task, _WORKER["encode"], _WORKER["encoding"])
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- the whole job
+
+
+def tokenize_sources(sources: list[Source], plans: dict[str, list[Shard]], tokenizer, tokenizer_digest: str,
+                     layout: Layout, *, workers: int | None = None, batch_size: int = 1000,
+                     doc_limits: dict[str, int] | None = None, memo: DigestMemo | None = None,
+                     ) -> dict[str, SourceShards]:
+    """Cached shards of every source (tokenizing the missing ones); `doc_limits` stops a source once it has
+    that many documents (max_samples), so a debug run on a huge corpus reads only its first shards."""
+    code = code_version(*CODE_MODULES)
+    memo = memo or DigestMemo(layout)
+    digests = {f: memo.digest(Path(f)) for s in sources for f in {sh.file for sh in plans[s.name]}}
+    memo.save()
+    encoding = encoding_for(tokenizer, batch_size)
+    limits = {name: n for name, n in (doc_limits or {}).items() if n is not None}
+    tasks: dict[str, list[ShardTask]] = {}
+    for source in sources:
+        tasks[source.name] = [ShardTask(sh, stage_key(c), c, _shard_size(sh))
+                              for sh in plans[source.name]
+                              for c in [shard_components(sh, digests[sh.file], tokenizer_digest, code)]]
+    results: dict[str, list[ShardResult | None]] = {name: [None] * len(ts) for name, ts in tasks.items()}
+    for name, ts in tasks.items():
+        for i, task in enumerate(ts):
+            found, _ = lookup(layout, STAGE, task.key)
+            if found is not None:
+                results[name][i] = ShardResult(task.shard, found.path, found.stats["documents"], found.stats["tokens"],
+                                               True)
+
+    todo = [(name, i) for name, ts in tasks.items() for i in _needed(results[name], limits.get(name))]
+    todo_bytes = sum(tasks[n][i].size for n, i in todo)
+    n_workers = max(1, workers or default_workers())
+    if todo:
+        inline = n_workers == 1 or len(todo) == 1 or todo_bytes < INLINE_BYTES or encoding.tokenizer_json is None
+        log.info("prepare_dataset: tokenizing %d of %d shards (%.1f MiB of text) %s", len(todo),
+                 sum(len(ts) for ts in tasks.values()), todo_bytes / 2**20,
+                 "in this process" if inline else f"with {min(n_workers, len(todo))} worker processes")
+        run = _run_inline if inline else _run_pool
+        run(layout, tasks, results, todo, limits, encoding, tokenizer, min(n_workers, len(todo)))
+
+    index = _read_index(layout)
+    out = {}
+    for source in sources:
+        done = results[source.name][:_prefix_needed(results[source.name], limits.get(source.name))]
+        out[source.name] = SourceShards(source, list(done),
+                                        _explain(source, done, digests, tokenizer_digest, code, index))
+    _update_index(layout, out, digests, tokenizer_digest, code)
+    return out
+
+
+def _shard_size(shard: Shard) -> int:
+    """Bytes of text in a shard (exact for line formats; a file's size for whole-file shards; a guess otherwise)."""
+    if shard.stop >= 0 and shard.format in ("jsonl", "txt") and shard.compression is None:
+        return shard.stop - shard.start
+    if shard.stop < 0:
+        return os.path.getsize(shard.file)
+    return MIN_SHARD_BYTES
+
+
+def _prefix_needed(results: list[ShardResult | None], limit: int | None) -> int:
+    """How many leading shards a source needs: all, or just enough to hold `limit` documents."""
+    if limit is None:
+        return len(results)
+    docs = 0
+    for i, r in enumerate(results):
+        if r is None:
+            return len(results)  # unknown yet: everything may be needed
+        docs += r.documents
+        if docs >= limit:
+            return i + 1
+    return len(results)
+
+
+def _needed(results: list[ShardResult | None], limit: int | None) -> list[int]:
+    return [i for i in range(_prefix_needed(results, limit)) if results[i] is None]
+
+
+def _run_inline(layout, tasks, results, todo, limits, encoding, tokenizer, _workers) -> None:
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    encode = fast_encoder(backend) if backend is not None else slow_encoder(tokenizer)
+    progress = _progress(sum(tasks[n][i].size for n, i in todo))
+    try:
+        for name, i in todo:
+            if i >= _prefix_needed(results[name], limits.get(name)):
+                continue  # max_samples reached with the shards before this one
+            results[name][i] = tokenize_shard(layout, tasks[name][i], encode, encoding)
+            progress.update(tasks[name][i].size)
+    finally:
+        progress.close()
+
+
+def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, workers) -> None:
+    context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded parent (Prefect, Rust pools)
+    progress = _progress(sum(tasks[n][i].size for n, i in todo))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(str(layout.root), encoding))
+    futures: dict[Future, tuple[str, int]] = {}
+    try:
+        # max_samples sources first and in order (their later shards may be cancelled), then largest first
+        order = sorted(todo, key=lambda t: (t[0] not in limits, t[1] if t[0] in limits else -tasks[t[0]][t[1]].size))
+        for name, i in order:
+            futures[pool.submit(_work, tasks[name][i])] = (name, i)
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future.cancelled():
+                    continue
+                name, i = futures[future]
+                results[name][i] = future.result()  # a worker's DataError is raised here, finished shards stay
+                progress.update(tasks[name][i].size)
+                if limits.get(name) is not None:
+                    enough = _prefix_needed(results[name], limits[name])
+                    for other, (n2, j) in futures.items():
+                        if n2 == name and j >= enough and other in pending and other.cancel():
+                            pending.discard(other)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="tokenize", unit="B", unit_scale=True, disable=None, leave=False)
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+def _read_index(layout: Layout) -> dict:
+    import json
+
+    try:
+        return json.loads(layout.stage_index(STAGE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _update_index(layout: Layout, out: dict[str, SourceShards], digests: dict[str, str], tokenizer_digest: str,
+                  code: str) -> None:
+    """Remember what each file was last tokenized with, so a later miss can say what changed."""
+    entries = {}
+    for shards in out.values():
+        for r in shards.shards:
+            entries[str(Path(r.shard.file).resolve())] = {"digest": digests[r.shard.file], "tokenizer": tokenizer_digest,
+                                                          "code": code, "column": r.shard.column}
+    with key_lock(layout, STAGE, "index"):
+        index = _read_index(layout)
+        if all(index.get(k) == v for k, v in entries.items()):
+            return
+        index.update(entries)
+        write_json_atomic(layout.stage_index(STAGE), index)
+
+
+def _explain(source: Source, done: list[ShardResult], digests: dict[str, str], tokenizer_digest: str, code: str,
+             index: dict) -> str:
+    """Why this source's shards were reused or built, file by file, in one line."""
+    by_file: dict[str, list[ShardResult]] = {}
+    for r in done:
+        by_file.setdefault(r.shard.file, []).append(r)
+    reasons: dict[str, list[str]] = {}
+    for file, rs in by_file.items():
+        hit = sum(r.hit for r in rs)
+        if hit == len(rs):
+            reason = "reused"
+        elif hit:
+            reason = f"resumed ({hit} of {len(rs)} shards were already tokenized)"
+        else:
+            prev = index.get(str(Path(file).resolve()))
+            if prev is None:
+                reason = "new file"
+            elif prev["digest"] != digests[file]:
+                reason = "file changed"
+            elif prev["tokenizer"] != tokenizer_digest:
+                reason = "tokenizer changed"
+            elif prev["code"] != code:
+                reason = "tokenizer code changed (ptflow/shards.py or sources.py)"
+            elif prev["column"] != rs[0].shard.column:
+                reason = f"column changed ({prev['column']} -> {rs[0].shard.column})"
+            else:
+                reason = "its shards were removed from the store"
+        reasons.setdefault(reason, []).append(Path(file).name)
+    if list(reasons) == ["reused"]:
+        return f"reused all {len(done)} shards (same file bytes and tokenizer)"
+    parts = []
+    for reason, files in reasons.items():
+        names = ", ".join(files[:3]) + (f" +{len(files) - 3} more" if len(files) > 3 else "")
+        parts.append(f"{reason}: {names}")
+    return "; ".join(parts)

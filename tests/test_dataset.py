@@ -1,0 +1,280 @@
+"""Stage prepare_dataset: exact packing (text + EOS, one final partial block dropped), splits, errors, cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from tiny_assets import ASSETS, write_dataset_info
+from ptflow.config import DataSection
+from ptflow.dataset import open_blocks, prepare_dataset, split_indices
+from ptflow.errors import DataError
+from ptflow.tokenizer import open_tokenizer
+
+THREE = [json.loads(line)["text"] for line in (ASSETS / "three_docs.jsonl").read_text().splitlines()]
+EOS, BOS, PAD = 1, 0, 2
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_artifact):
+    return open_tokenizer(tokenizer_artifact.path)
+
+
+def stream_of(tok, texts) -> list[int]:
+    out = []
+    for text in texts:
+        out += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return out
+
+
+def counts(stats: dict, name: str) -> dict:
+    return {k: stats["sources"][name][k] for k in ("documents", "tokens", "mean_doc_tokens")}
+
+
+def data(tiny_data_dir, dataset="three", **kw) -> DataSection:
+    return DataSection(dataset=dataset, dataset_dir=str(tiny_data_dir), **kw)
+
+
+def make_data_dir(root, files: dict[str, bytes | str], entries: dict | None = None):
+    """A dataset_dir with the given files; each file is registered under its stem unless `entries` is given."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (root / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    return write_dataset_info(root, entries or {name.split(".")[0]: {"file_name": name} for name in files})
+
+
+def test_packing_is_text_plus_eos_concatenated_and_cut(tiny_data_dir, tokenizer_artifact, tok, layout):
+    expected = stream_of(tok, THREE)
+    assert len(expected) == 48  # 19 + 12 + 14 tokens, each document followed by EOS
+    artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    blocks, lengths = open_blocks(artifact, "train")
+    assert lengths is None
+    assert blocks.shape == (4, 10) and blocks.dtype == np.uint16
+    assert blocks.ravel().tolist() == expected[:40]
+    stats = artifact.stats
+    assert stats["dropped_tokens"] == 8 == len(expected) - 40  # only the final partial block
+    assert list(stats["sources"]) == ["three"]
+    assert counts(stats, "three") == {"documents": 3, "tokens": 48, "mean_doc_tokens": 16.0}
+    assert (stats["train_blocks"], stats["eval_blocks"], stats["train_tokens"]) == (4, 0, 40)
+    assert (stats["eos_token_id"], stats["pad_token_id"], stats["dtype"]) == (EOS, PAD, "uint16")
+    # EOS ends each document inside the blocks (it is trained on); no BOS is inserted anywhere.
+    assert np.flatnonzero(blocks.ravel() == EOS).tolist() == [19, 32]
+    assert BOS not in blocks
+    eval_blocks, _ = open_blocks(artifact, "eval")
+    assert eval_blocks.shape == (0, 10)
+
+
+def test_blocks_are_memory_mapped(tiny_data_dir, tokenizer_artifact, layout):
+    artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    blocks, _ = open_blocks(artifact.path, "train")
+    assert isinstance(blocks, np.memmap)
+
+
+def test_exact_fit_drops_nothing(tiny_data_dir, tokenizer_artifact, layout):
+    artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=8), tokenizer_artifact, layout)
+    assert (artifact.stats["train_blocks"], artifact.stats["dropped_tokens"]) == (6, 0)
+
+
+def test_several_datasets_are_concatenated_in_order(tiny_data_dir, tokenizer_artifact, tok, layout):
+    notes = [line for line in (ASSETS / "notes.txt").read_text().splitlines() if line.strip()]
+    expected = stream_of(tok, THREE) + stream_of(tok, notes)
+    artifact = prepare_dataset(data(tiny_data_dir, dataset="three, notes", cutoff_len=16), tokenizer_artifact, layout)
+    blocks, _ = open_blocks(artifact, "train")
+    assert len(expected) == 76
+    assert blocks.ravel().tolist() == expected[:64]
+    assert counts(artifact.stats, "notes") == {"documents": 3, "tokens": 28, "mean_doc_tokens": 9.3}
+    assert artifact.stats["dropped_tokens"] == 12
+
+
+def test_max_samples_keeps_the_first_documents(tiny_data_dir, tokenizer_artifact, tok, layout):
+    artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=11, max_samples=2), tokenizer_artifact, layout)
+    assert counts(artifact.stats, "three") == {"documents": 2, "tokens": 33, "mean_doc_tokens": 16.5}
+    blocks, _ = open_blocks(artifact, "train")
+    assert blocks.ravel().tolist() == stream_of(tok, THREE[:2])
+
+
+def test_small_batches_pack_the_same_as_one_batch(tiny_data_dir, tokenizer_artifact, layout):
+    one = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    per_doc = prepare_dataset(data(tiny_data_dir, cutoff_len=10, preprocessing_batch_size=1), tokenizer_artifact,
+                              layout)
+    # No remainder is dropped per batch, so the blocks cannot depend on the batch size: it is not in the key.
+    assert per_doc.hit and per_doc.digest == one.digest
+
+
+def test_no_packing_truncates_each_document_and_writes_lengths(tiny_data_dir, tokenizer_artifact, tok, layout):
+    artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=16, packing=False), tokenizer_artifact, layout)
+    assert {"train.npy", "train_lengths.npy", "eval.npy", "eval_lengths.npy"} <= {p.name for p in artifact.dir.iterdir()}
+    blocks, lengths = open_blocks(artifact, "train")
+    assert lengths.tolist() == [16, 13, 15]
+    docs = [tok(t, add_special_tokens=False)["input_ids"] + [EOS] for t in THREE]
+    for row, doc, n in zip(blocks.tolist(), docs, lengths):
+        assert row[:n] == doc[:n]
+        assert row[n:] == [PAD] * (16 - n)
+    assert artifact.stats["dropped_tokens"] == 20 - 16
+    assert artifact.stats["packing"] is False
+
+
+def test_val_size_fraction(tiny_data_dir, tokenizer_artifact, layout):
+    artifact = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, val_size=0.1),
+                               tokenizer_artifact, layout)
+    n = artifact.stats["train_blocks"] + artifact.stats["eval_blocks"]
+    assert n == 34_627 // 64 == 541
+    assert artifact.stats["eval_blocks"] == math.ceil(0.1 * 541) == 55
+    train, _ = open_blocks(artifact, "train")
+    held, _ = open_blocks(artifact, "eval")
+    assert (len(train), len(held)) == (486, 55)
+    # The split is a partition of the packed blocks: no block is both trained and evaluated on.
+    assert not {row.tobytes() for row in np.asarray(train)} & {row.tobytes() for row in np.asarray(held)}
+
+
+def test_val_size_count(tiny_data_dir, tokenizer_artifact, layout):
+    artifact = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, val_size=3),
+                               tokenizer_artifact, layout)
+    assert (artifact.stats["train_blocks"], artifact.stats["eval_blocks"]) == (538, 3)
+
+
+@pytest.mark.parametrize("val_size, n_eval", [(4, 4), (0.99, 4), (0.8, 4)])
+def test_val_size_too_large(tiny_data_dir, tokenizer_artifact, layout, val_size, n_eval):
+    with pytest.raises(DataError, match=rf"data\.val_size: {float(val_size)} asks for {n_eval} of 4 blocks, leaving none to "
+                                        "train on"):
+        prepare_dataset(data(tiny_data_dir, cutoff_len=10, val_size=val_size), tokenizer_artifact, layout)
+    assert [p.name for p in layout.stage_dir("prepare_dataset").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_split_is_seeded():
+    a_train, a_eval = split_indices(100, 0.1, seed=1)
+    assert len(a_eval) == 10 and sorted(np.concatenate([a_train, a_eval]).tolist()) == list(range(100))
+    assert split_indices(100, 0.1, seed=1)[1].tolist() == a_eval.tolist()
+    assert split_indices(100, 0.1, seed=2)[1].tolist() != a_eval.tolist()
+
+
+def test_missing_dataset_name_lists_available_ones(tiny_data_dir, tokenizer_artifact, layout):
+    with pytest.raises(DataError, match=r"data\.dataset: 'nope' is not in .*dataset_info\.json "
+                                        r"\(it has: notes, stdlib_docs, three\)"):
+        prepare_dataset(data(tiny_data_dir, "three,nope"), tokenizer_artifact, layout)
+
+
+def test_every_resolution_problem_is_reported_at_once(tmp_path, tokenizer_artifact, layout):
+    root = make_data_dir(tmp_path / "d", {"a.docx": "x"},
+                         {"ghost": {"file_name": "ghost.jsonl"}, "docx": {"file_name": "a.docx"}, "bare": {"columns": {}}})
+    with pytest.raises(DataError) as info:
+        prepare_dataset(data(root, "ghost,docx,bare,nope"), tokenizer_artifact, layout)
+    message = str(info.value)
+    assert f"data.dataset 'ghost': file {root / 'ghost.jsonl'} does not exist" in message
+    assert f"data.dataset 'docx': {root / 'a.docx'} is not a readable type; use .json, .jsonl, .csv, .parquet, " \
+           ".txt or .arrow" in message
+    assert "entry 'bare' needs file_name" in message
+    assert "'nope' is not in" in message
+
+
+def test_missing_dataset_info(tmp_path, tokenizer_artifact, layout):
+    with pytest.raises(DataError, match=r"data\.dataset_dir: .*/nodata has no dataset_info\.json"):
+        prepare_dataset(data(tmp_path / "nodata"), tokenizer_artifact, layout)
+
+
+def test_invalid_dataset_info_json(tmp_path, tokenizer_artifact, layout):
+    (tmp_path / "dataset_info.json").write_text('{"a": {"file_name": "a.jsonl"},\n}')
+    with pytest.raises(DataError, match=r"dataset_info\.json: invalid JSON at line 2, column 1"):
+        prepare_dataset(data(tmp_path, "a"), tokenizer_artifact, layout)
+
+
+def test_wrong_column_lists_the_columns_found(tmp_path, tokenizer_artifact, layout):
+    root = make_data_dir(tmp_path / "d", {"c.jsonl": '{"content": "x", "id": 1}\n'},
+                         {"c": {"file_name": "c.jsonl", "columns": {"prompt": "text"}}})
+    with pytest.raises(DataError, match=r"c\.jsonl:1: dataset 'c' has no column 'text' \(found: \['content', 'id'\]\); "
+                                        r"set columns\.prompt"):
+        prepare_dataset(data(root, "c"), tokenizer_artifact, layout)
+
+
+def test_custom_column_is_read(tmp_path, tokenizer_artifact, tok, layout):
+    root = make_data_dir(tmp_path / "d", {"c.jsonl": '{"content": "hello world"}\n' * 4},
+                         {"c": {"file_name": "c.jsonl", "columns": {"prompt": "content"}}})
+    artifact = prepare_dataset(data(root, "c", cutoff_len=5), tokenizer_artifact, layout)
+    assert artifact.stats["sources"]["c"]["documents"] == 4
+    assert open_blocks(artifact, "train")[0].ravel().tolist() == stream_of(tok, ["hello world"] * 4)  # 4 x (4 + EOS)
+
+
+def test_non_string_column(tmp_path, tokenizer_artifact, layout):
+    root = make_data_dir(tmp_path / "d", {"c.jsonl": '{"text": 42}\n'})
+    with pytest.raises(DataError, match=r"c\.jsonl:1: column 'text' must be a string, got int"):
+        prepare_dataset(data(root, "c"), tokenizer_artifact, layout)
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path, tokenizer_artifact, layout):
+    root = make_data_dir(tmp_path / "d", {"bad.jsonl": '{"text": "ok"}\n\n{"text": "broken\n{"text": "ok"}\n'})
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON \(Unterminated string starting at column 10\)"):
+        prepare_dataset(data(root, "bad", cutoff_len=2), tokenizer_artifact, layout)
+    assert [p.name for p in layout.stage_dir("prepare_dataset").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_non_utf8_names_file_and_line(tmp_path, tokenizer_artifact, layout):
+    root = make_data_dir(tmp_path / "d", {"latin.txt": "caf\u00e9\n".encode() + "na\u00efve\n".encode("latin-1")})
+    with pytest.raises(DataError, match=r"latin\.txt:2: not valid UTF-8 \(byte 0xef\); re-encode the file as UTF-8"):
+        prepare_dataset(data(root, "latin", cutoff_len=2), tokenizer_artifact, layout)
+
+
+def test_empty_file(tmp_path, tokenizer_artifact, layout):
+    root = make_data_dir(tmp_path / "d", {"empty.jsonl": "\n\n"})
+    with pytest.raises(DataError, match=r"empty\.jsonl: dataset 'empty' has no documents \(empty file\)"):
+        prepare_dataset(data(root, "empty"), tokenizer_artifact, layout)
+
+
+def test_too_small_for_one_block(tiny_data_dir, tokenizer_artifact, layout):
+    with pytest.raises(DataError, match=r"data\.dataset: 48 tokens make no block of cutoff_len=4096; add data or "
+                                        r"lower data\.cutoff_len"):
+        prepare_dataset(data(tiny_data_dir, cutoff_len=4096), tokenizer_artifact, layout)
+
+
+def test_json_list_and_folder_of_files(tmp_path, tokenizer_artifact, tok, layout):
+    root = tmp_path / "d"
+    (root / "shards").mkdir(parents=True)
+    (root / "shards" / "b.json").write_text(json.dumps([{"text": THREE[1]}, {"text": THREE[2]}]))
+    (root / "shards" / "a.json").write_text(json.dumps([{"text": THREE[0]}]))
+    write_dataset_info(root, {"shards": {"file_name": "shards"}})
+    artifact = prepare_dataset(data(root, "shards", cutoff_len=8), tokenizer_artifact, layout)
+    assert open_blocks(artifact, "train")[0].ravel().tolist() == stream_of(tok, THREE)  # a.json before b.json
+
+
+def test_second_call_hits(tiny_data_dir, tokenizer_artifact, layout):
+    first = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    second = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    assert (second.hit, second.key, second.digest) == (True, first.key, first.digest)
+
+
+def test_changing_cutoff_len_misses(tiny_data_dir, tokenizer_artifact, layout):
+    prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    other = prepare_dataset(data(tiny_data_dir, cutoff_len=12), tokenizer_artifact, layout)
+    assert not other.hit
+    assert other.reason == "changed config.cutoff_len: 10 -> 12"
+
+
+def test_changing_the_tokenizer_digest_misses(tiny_data_dir, tokenizer_artifact, layout):
+    first = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    retokenized = dataclasses.replace(tokenizer_artifact, digest="f" * 64)
+    other = prepare_dataset(data(tiny_data_dir, cutoff_len=10), retokenized, layout)
+    assert not other.hit and other.key != first.key
+    assert other.reason.startswith("changed inputs.tokenizer: ")
+
+
+def test_moved_data_hits_and_edited_data_misses(tiny_data_dir, tokenizer_artifact, layout, tmp_path):
+    first = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")
+    assert prepare_dataset(data(moved, cutoff_len=10), tokenizer_artifact, layout).hit
+    with open(moved / "three_docs.jsonl", "a") as f:
+        f.write('{"text": "one more document"}\n')
+    edited = prepare_dataset(data(moved, cutoff_len=10), tokenizer_artifact, layout)
+    assert not edited.hit and edited.key != first.key
+    assert edited.reason.startswith("changed inputs.files.three/three_docs.jsonl: ")
+
+
+def test_seed_is_part_of_the_key_only_with_a_split(tiny_data_dir, tokenizer_artifact, layout):
+    no_split = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout, seed=1)
+    assert prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout, seed=2).key == no_split.key
+    split = prepare_dataset(data(tiny_data_dir, cutoff_len=10, val_size=1), tokenizer_artifact, layout, seed=1)
+    other = prepare_dataset(data(tiny_data_dir, cutoff_len=10, val_size=1), tokenizer_artifact, layout, seed=2)
+    assert other.key != split.key and other.reason == "changed config.seed: 1 -> 2"

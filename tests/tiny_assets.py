@@ -1,0 +1,40 @@
+"""Tiny test assets shared by the unit tests: a 2-layer Llama config, the quickstart tokenizer, dataset_info.
+
+Paths come from this file's location, never from the current directory. Imported by
+conftest.py (fixtures) and by tests that need the helpers directly (`from tiny_assets import ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart"
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+CORPUS_LINES = 200
+
+TINY_LLAMA = dict(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0,
+                  eos_token_id=1, pad_token_id=2, use_cache=False)
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**TINY_LLAMA)
+
+
+def copy_tokenizer(dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(QUICKSTART / "model" / name, dst / name)
+    return dst
+
+
+def write_dataset_info(data_dir: Path, entries: dict[str, dict]) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "dataset_info.json").write_text(json.dumps(entries, indent=2))
+    return data_dir

@@ -99,10 +99,11 @@ def render_card(config, tokenizer, dataset, model, evaluation, plots, provenance
     results = evaluation.stats if evaluation else {}
     base = None if config.model.train_from_scratch else config.model.model_name_or_path
     eval_results = None
+    eval_names = getattr(config.data, "eval_dataset", None) or config.data.dataset
     # The Hub's model-index wants a finite number; an overflowed (inf) perplexity stays in the body only.
     if results.get("perplexity") is not None and math.isfinite(results["perplexity"]):
         eval_results = [EvalResult(task_type="text-generation", dataset_type="ptflow-heldout",
-                                   dataset_name=f"held-out blocks of {', '.join(config.data.dataset)}",
+                                   dataset_name=f"held-out blocks of {', '.join(eval_names)}",
                                    metric_type="perplexity", metric_value=round(results["perplexity"], 4),
                                    dataset_revision=results.get("eval_set_digest", "")[:16] or None)]
     lora = config.train.finetuning_type == "lora"
@@ -130,13 +131,15 @@ def render_card(config, tokenizer, dataset, model, evaluation, plots, provenance
              f"with ptflow ({config.train.finetuning_type} training).", "",
              "## Training data", "", "| dataset | documents | tokens | mean tokens/doc | share of tokens |",
              "|---|---|---|---|---|"]
-    total_tokens = sum(s["tokens"] for s in sources.values()) or 1
+    held_out = {name for name in sources if name.endswith(" (eval)")}  # eval_dataset sources: not in the mix
+    total_tokens = sum(s["tokens"] for name, s in sources.items() if name not in held_out) or 1
     lines += [f"| {name} | {s['documents']:,} | {s['tokens']:,} | {s['mean_doc_tokens']} | "
-              f"{100 * s['tokens'] / total_tokens:.1f}% |" for name, s in sources.items()]
-    mixing = {key: getattr(config.data, key) for key in ("mix_strategy", "interleave_probs")
-              if getattr(config.data, key, None) is not None}
-    lines += ["", "Mixture: " + (", ".join(f"{k} {v}" for k, v in mixing.items()) if mixing
-                                 else "sources concatenated in the order listed") + "."]
+              + ("held out |" if name in held_out else f"{100 * s['tokens'] / total_tokens:.1f}% |")
+              for name, s in sources.items()]
+    strategy = getattr(config.data, "mix_strategy", "concat")
+    probs = getattr(config.data, "interleave_probs", None)
+    lines += ["", "Mixture: " + ("sources concatenated in the order listed" if strategy == "concat" else
+                                 f"{strategy}, " + (f"probabilities {probs}" if probs else "round-robin")) + "."]
     lines += ["", f"Packed into {dataset.stats.get('train_blocks', 0):,} training and {dataset.stats.get('eval_blocks', 0):,} "
               f"held-out blocks of {config.data.cutoff_len} tokens; {dataset.stats.get('dropped_tokens', 0):,} tokens "
               "dropped (final partial block).", "",

@@ -184,6 +184,8 @@ class TrainSection(Section):
     lora_target: list[str] = Field(
         ["all"], description="lora: module names to adapt (e.g. q_proj,v_proj), or all linear layers but the head."
     )
+    save_merged_model: bool = Field(
+        False, description="lora: also save the base model with the adapters merged in, under merged/.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
@@ -204,6 +206,9 @@ class TrainSection(Section):
     save_steps: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate on the validation blocks every N steps (and at the end).")
+    num_processes: int | None = Field(
+        None, ge=1, description="Training processes (DDP through torchrun), one per GPU; default: every "
+        "visible GPU, or 1 on CPU. More than 1 on CPU runs gloo DDP (for tests).")
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights (GPU).")
     pure_bf16: bool = Field(False, description="Keep weights and optimizer states in bf16 (no fp32 master copy): "
                             "less memory and faster, slightly less precise.")

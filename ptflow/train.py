@@ -31,6 +31,7 @@ from ptflow.dataset import open_blocks
 from ptflow.errors import DataError, TrainingError
 from ptflow.evaluate import batch_tensors, eval_loss, perplexity
 from ptflow.layout import Layout
+from ptflow.launch import launch_training, resolve_num_processes, spec_for
 from ptflow.kernels import apply_speedups, attention_backend, base_causal_lm
 from ptflow.model import build_model, count_parameters, model_files, setup_finetuning
 from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version, sha256_json
@@ -40,7 +41,8 @@ from ptflow.tokenizer import resolve_model_dir
 log = logging.getLogger("ptflow.train")
 
 STAGE = "train"
-CODE_MODULES = ("ptflow.train", "ptflow.model", "ptflow.checkpoint", "ptflow.evaluate")
+CODE_MODULES = ("ptflow.train", "ptflow.model", "ptflow.checkpoint", "ptflow.evaluate", "ptflow.kernels",
+                "ptflow.launch")
 LogCallback = Callable[[dict], None]
 
 
@@ -81,8 +83,9 @@ def components(model: ModelSection, train: TrainSection, tokenizer: Artifact, da
     memo.save()
     model_fields = model.model_dump(mode="json")
     model_fields.pop("model_name_or_path")  # content, not location
+    # The number of processes changes the global batch, hence the weights: it is part of the key.
     return {"stage": STAGE, "code": code_version(*CODE_MODULES), "config": {"model": model_fields,
-            "train": train.digest_fields(), "seed": seed},
+            "train": train.digest_fields(), "seed": seed, "world_size": resolve_num_processes(train.num_processes)},
             "inputs": {"tokenizer": tokenizer.digest, "dataset": dataset.digest, "model": model_inputs}}
 
 
@@ -94,6 +97,10 @@ def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset
     def build(folder: Path) -> dict:
         fingerprint = {"dataset": dataset.digest, "tokenizer": tokenizer.digest,
                        "train_config": sha256_json(parts["config"])[:16]}
+        world = parts["config"]["world_size"]
+        if world > 1 and not os.environ.get("PTFLOW_LAUNCHED"):
+            spec = spec_for(folder, model, train, tokenizer, dataset, seed, fingerprint)
+            return launch_training(folder, spec, world, on_log)
         return run_training(folder, model, train, tokenizer, dataset, seed, fingerprint, on_log)
 
     return build_or_reuse(layout, STAGE, parts, build, resumable=True,
@@ -109,7 +116,8 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     from ptflow.tokenizer import open_tokenizer
 
     launched = time.perf_counter()
-    accelerator = Accelerator()  # precision is ours (autocast or pure bf16), not accelerate's wrapper
+    # Precision is ours (autocast or pure bf16), not accelerate's wrapper; cpu=True lets torchrun ranks use gloo.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     fingerprint = {**fingerprint, "world_size": world}
     set_seed(seed)
@@ -254,8 +262,12 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     accelerator.wait_for_everyone()
     if not main:
         return {}
-    accelerator.unwrap_model(net).save_pretrained(folder, safe_serialization=True)
+    final = accelerator.unwrap_model(net)
+    final.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
+    if train.finetuning_type == "lora" and train.save_merged_model:
+        final.merge_and_unload().save_pretrained(folder / "merged", safe_serialization=True)
+        tok.save_pretrained(folder / "merged")
     steps_run = total_steps - start_step
     results = {"epoch": round(total_steps / steps_per_epoch, 4), "total_flos": float(token_flops * total_steps * tokens_per_step),
                "train_loss": losses_sum / max(losses_n, 1), "train_runtime": round(runtime, 4),

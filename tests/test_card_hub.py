@@ -125,3 +125,18 @@ def test_the_token_does_not_change_the_card_key(make_config, layout, token):
     baseline = components(make_config(), *(fake(s, {}, d * 64) for s, d in (("t", "1"), ("d", "2"), ("m", "3"))),
                           None, None)
     assert parts == baseline
+
+
+def test_interleaved_mixture_and_a_held_out_eval_dataset(make_config, layout):
+    config = make_config(run_name="mix", data={"dataset": "web,code", "mix_strategy": "interleave_under",
+                                               "interleave_probs": [0.75, 0.25], "eval_dataset": "notes"})
+    sources = {**SOURCES, "notes (eval)": {"documents": 5, "tokens": 100, "mean_doc_tokens": 20.0}}
+    artifact = write_model_card(
+        config, fake("load_tokenizer", {}, "1" * 64), fake("prepare_dataset", {"sources": sources}, "2" * 64),
+        fake("train", {}, "3" * 64), fake("evaluate", {"perplexity": 7.0, "eval_set_digest": "4" * 64}, "5" * 64),
+        None, layout)
+    text = (artifact.dir / "README.md").read_text()
+    assert "| web | 30 | 750 | 25.0 | 75.0% |" in text and "| notes (eval) | 5 | 100 | 20.0 | held out |" in text
+    assert "Mixture: interleave_under, probabilities [0.75, 0.25]." in text
+    metadata = hub_checks(artifact.dir / "README.md")
+    assert metadata["model-index"][0]["results"][0]["dataset"]["name"] == "held-out blocks of notes"

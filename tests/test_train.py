@@ -320,3 +320,18 @@ def test_data_order_seeks_directly():
     fresh = DataOrder(n_blocks=30, per_step=4, seed=7)
     assert fresh.step_indices(19).tolist() == walked[19]  # seeking to step 19 needs no replay
     assert DataOrder(30, 4, seed=8).step_indices(0).tolist() != walked[0]
+
+
+def test_lora_merged_model_matches_the_adapter_model(tiny_weights_dir, tokenizer_artifact, dataset, layout):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    model = ModelSection(model_name_or_path=str(tiny_weights_dir))
+    artifact = train(model, settings(finetuning_type="lora", lora_rank=4, max_steps=4, save_merged_model=True),
+                     tokenizer_artifact, dataset, layout)
+    merged = AutoModelForCausalLM.from_pretrained(artifact.dir / "merged", dtype=torch.float32).eval()
+    adapted = AutoPeftModelForCausalLM.from_pretrained(artifact.dir, dtype=torch.float32).eval()
+    ids = torch.arange(3, 19).view(1, 16)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
+    assert (artifact.dir / "merged" / "tokenizer.json").exists()

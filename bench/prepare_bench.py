@@ -1,0 +1,276 @@
+"""Data preparation throughput: ptflow's prepare_dataset vs LLaMA-Factory's pt preprocessing, same corpus and cores.
+
+    python bench/prepare_bench.py --assets /tmp/anchors                  # corpus + tokenizer from build_assets.py
+    python bench/prepare_bench.py --build /tmp/prep-assets               # build them here first (stdlib, ~15 s)
+    python bench/prepare_bench.py --assets /tmp/anchors --repeats 3 --json results.json
+
+Every measurement runs in a fresh Python process, one after the other (never concurrently), in
+alternating order over --repeats rounds, so the two sides see the same machine state:
+
+  ptflow        prepare_dataset() on an empty store: hash the input, check it, tokenize every shard
+                (a process per core), pack into cutoff_len blocks, write train.npy, digest, manifest.
+  ptflow-repack the same with cutoff_len/2 on the warm store: shards reused, re-packed only.
+  lf            LLaMA-Factory 0.9.x get_dataset(stage="pt") written inline with the same calls:
+                load_dataset("json", num_proc) -> per-example align map (its AlpacaDatasetConverter
+                output columns) -> batched map (batch 1000) of its PretrainDatasetProcessor:
+                text + eos_token, tokenizer(..., add_special_tokens=False), concatenate the batch,
+                cut into cutoff_len blocks (the batch's remainder is dropped), num_proc processes.
+                "lf map" is the tokenize+pack map alone. A fresh datasets cache per run.
+
+The ratio is LF seconds / ptflow seconds (the same corpus in, blocks out). Tokens/s are each side's
+own packed tokens per second (LF packs fewer: it drops each batch's remainder). Both sides use the
+machine's cores: --workers (default: all) is ptflow's preprocessing_num_workers and LF's
+preprocessing_num_workers (num_proc).
+
+Needs numpy, tokenizers, transformers, datasets (only for the LF side) and pyarrow; ptflow itself is
+imported from this checkout (its config needs pydantic; without it a stand-in section is used).
+No torch, no Prefect, no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- assets
+
+
+def build_assets(work: Path, min_tokens: int) -> None:
+    """Same recipe as ../shared/anchors/build_assets.py: stdlib .py files, 32K byte-level BPE, repeated."""
+    import math
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    texts = [t for t in (p.read_bytes().decode("utf-8", errors="replace") for p in files) if t.strip()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=32000, min_frequency=2, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=2048)
+    fast.save_pretrained(work / "tokenizer")
+    unique = sum(len(x) for x in fast(texts, add_special_tokens=False)["input_ids"])
+    repeats = max(1, math.ceil(min_tokens / unique))
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(repeats):
+            for t in texts:
+                f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    (data / "dataset_info.json").write_text(json.dumps(
+        {"stdlib_py": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}}, indent=2))
+    print(f"built {work}: {len(texts)} files x {repeats} = {unique * repeats:,} tokens", file=sys.stderr)
+
+
+def find_assets(assets: Path) -> tuple[Path, Path]:
+    data = assets / "data"
+    tokenizer = assets / "tokenizer"
+    if not (data / "corpus.jsonl").is_file() or not (tokenizer / "tokenizer.json").is_file():
+        sys.exit(f"{assets}: expected data/corpus.jsonl and tokenizer/tokenizer.json "
+                 "(run ../shared/anchors/build_assets.py --work DIR, or this script with --build DIR)")
+    return data, tokenizer
+
+
+# --------------------------------------------------------------------------- one measurement (child process)
+
+
+def run_ptflow(data: Path, tokenizer: Path, cutoff: int, workers: int, store: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from ptflow.dataset import prepare_dataset
+    from ptflow.layout import Layout
+    from ptflow.store import Artifact, files_digest
+
+    digest, _ = files_digest(tokenizer)
+    tok = Artifact("load_tokenizer", "bench", str(tokenizer), digest)
+    layout = Layout(store)
+    started = time.perf_counter()
+    artifact = prepare_dataset(_section(data, cutoff, workers), tok, layout)
+    seconds = time.perf_counter() - started
+    tokens = artifact.stats["train_tokens"]
+    return {"seconds": seconds, "blocks": artifact.stats["train_blocks"], "tokens": tokens,
+            "shards_built": artifact.stats["shards_built"], "shards_reused": artifact.stats["shards_reused"],
+            "dropped": artifact.stats["dropped_tokens"]}
+
+
+def _section(data: Path, cutoff: int, workers: int):
+    fields = {"dataset": ["stdlib_py"], "dataset_dir": str(data), "cutoff_len": cutoff,
+              "preprocessing_num_workers": workers}
+    try:
+        from ptflow.config import DataSection
+    except ImportError:  # no pydantic: a plain stand-in with the defaults prepare_dataset reads
+        import dataclasses
+
+        @dataclasses.dataclass
+        class DataSection:  # noqa: D401 - mirrors ptflow.config.DataSection's fields
+            dataset: list
+            dataset_dir: str
+            cutoff_len: int
+            preprocessing_num_workers: int
+            eval_dataset: list | None = None
+            val_size: float = 0.0
+            max_samples: int | None = None
+            mix_strategy: str = "concat"
+            interleave_probs: list | None = None
+            packing: bool = True
+            doc_mask: bool = False
+            preprocessing_batch_size: int = 1000
+
+            def digest_fields(self) -> dict:
+                return dataclasses.asdict(self)
+
+    return DataSection(**fields)
+
+
+def run_lf(data: Path, tokenizer_dir: Path, cutoff: int, workers: int, cache: Path) -> dict:
+    """LLaMA-Factory's get_dataset(stage='pt') path, inline (data/loader.py, converter.py, processor/pretrain.py)."""
+    from itertools import chain
+
+    from datasets import disable_progress_bars, load_dataset
+    from transformers import AutoTokenizer
+
+    disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    started = time.perf_counter()
+    # loader._load_single_dataset: load_dataset("json", data_files=..., split="train", num_proc=...)
+    dataset = load_dataset("json", data_files=[str(data / "corpus.jsonl")], split="train", cache_dir=str(cache),
+                           num_proc=workers)
+    loaded = time.perf_counter()
+
+    # converter.align_dataset: AlpacaDatasetConverter, batched=False, one example at a time
+    def convert(example):
+        return {"_prompt": [{"role": "user", "content": example["text"]}], "_response": [], "_system": "",
+                "_tools": "", "_images": None, "_videos": None, "_audios": None}
+
+    dataset = dataset.map(convert, batched=False, remove_columns=dataset.column_names, num_proc=workers,
+                          load_from_cache_file=False, desc="Converting format of dataset")
+    converted = time.perf_counter()
+
+    # processor/pretrain.py: PretrainDatasetProcessor.preprocess_dataset (packing), batched map of 1000
+    eos_token = tokenizer.eos_token
+
+    def preprocess(examples):
+        text_examples = [messages[0]["content"] + eos_token for messages in examples["_prompt"]]
+        tokenized_examples = tokenizer(text_examples, add_special_tokens=False)
+        concatenated = {k: list(chain(*tokenized_examples[k])) for k in tokenized_examples.keys()}
+        total_length = len(concatenated[list(concatenated.keys())[0]])
+        total_length = (total_length // cutoff) * cutoff
+        result = {k: [t[i: i + cutoff] for i in range(0, total_length, cutoff)] for k, t in concatenated.items()}
+        if getattr(tokenizer, "add_bos_token", False):
+            for i in range(len(result["input_ids"])):
+                result["input_ids"][i][0] = tokenizer.bos_token_id
+        return result
+
+    dataset = dataset.map(preprocess, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                          num_proc=workers, load_from_cache_file=False, desc="Running tokenizer on dataset")
+    finished = time.perf_counter()
+    return {"seconds": finished - started, "map_seconds": finished - converted, "load_seconds": loaded - started,
+            "convert_seconds": converted - loaded, "blocks": len(dataset), "tokens": len(dataset) * cutoff}
+
+
+def child(args) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="prepare-bench-", dir=args.scratch))
+    try:
+        data, tokenizer = find_assets(args.assets)
+        if args.child == "lf":
+            result = run_lf(data, tokenizer, args.cutoff, args.workers, scratch / "hf-cache")
+        elif args.child == "ptflow":
+            result = run_ptflow(data, tokenizer, args.cutoff, args.workers, scratch / "store")
+        else:  # ptflow-repack: fill the shard cache untimed, then time a cutoff change
+            run_ptflow(data, tokenizer, args.cutoff, args.workers, scratch / "store")
+            result = run_ptflow(data, tokenizer, args.cutoff // 2, args.workers, scratch / "store")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print("RESULT " + json.dumps(result))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def measure(kind: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--assets", str(args.assets),
+           "--cutoff", str(args.cutoff), "--workers", str(args.workers)]
+    if args.scratch:
+        cmd += ["--scratch", str(args.scratch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{kind} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    print(f"  {kind:<14} {result['seconds']:7.2f} s  {result['tokens'] / result['seconds'] / 1e6:6.3f}M tok/s",
+          file=sys.stderr)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", type=Path, help="folder with data/corpus.jsonl and tokenizer/ (build_assets.py)")
+    parser.add_argument("--build", type=Path, metavar="DIR", help="build the corpus and tokenizer into DIR first")
+    parser.add_argument("--min-tokens", type=int, default=1 << 24, help="with --build: repeat the corpus to this size")
+    parser.add_argument("--cutoff", type=int, default=2048, help="cutoff_len (block length)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes on both sides (default: every available core)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of (ptflow, lf), alternating order")
+    parser.add_argument("--skip-lf", action="store_true", help="measure ptflow only")
+    parser.add_argument("--json", type=Path, help="also write all results here")
+    parser.add_argument("--scratch", type=Path, help="where stores and caches go (default: the system temp dir)")
+    parser.add_argument("--child", choices=["ptflow", "ptflow-repack", "lf"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        build_assets(args.build, args.min_tokens)
+        args.assets = args.assets or args.build
+    if args.assets is None:
+        parser.error("give --assets DIR (or --build DIR)")
+    args.assets = args.assets.resolve()
+    if args.child:
+        return child(args)
+    find_assets(args.assets)
+
+    kinds = ["ptflow"] + ([] if args.skip_lf else ["lf"])
+    runs: dict[str, list[dict]] = {k: [] for k in [*kinds, "ptflow-repack"]}
+    print(f"prepare_bench: {args.assets}, cutoff {args.cutoff}, {args.workers} workers, {args.repeats} round(s)",
+          file=sys.stderr)
+    for round_ in range(args.repeats):
+        for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+            runs[kind].append(measure(kind, args))
+    runs["ptflow-repack"].append(measure("ptflow-repack", args))
+
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items() if v}
+    rows = [("run", "seconds", "blocks", "tokens", "Mtok/s", "vs lf")]
+    lf = best.get("lf")
+    for kind, r in best.items():
+        ratio = f"{lf['seconds'] / r['seconds']:.2f}x" if lf else "-"
+        rows.append((kind, f"{r['seconds']:.2f}", f"{r['blocks']:,}", f"{r['tokens']:,}",
+                     f"{r['tokens'] / r['seconds'] / 1e6:.3f}", ratio))
+    if lf:
+        rows.append(("lf map", f"{lf['map_seconds']:.2f}", f"{lf['blocks']:,}", f"{lf['tokens']:,}",
+                     f"{lf['tokens'] / lf['map_seconds'] / 1e6:.3f}",
+                     f"{lf['map_seconds'] / best['ptflow']['seconds']:.2f}x (ptflow whole stage vs LF map only)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    device = f"{platform.node()}: {len(os.sched_getaffinity(0))} cores, {platform.processor() or platform.machine()}"
+    print(f"\n{time.strftime('%Y-%m-%d')}  {device}  (best of {args.repeats}; ratio = LF seconds / ptflow seconds)")
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

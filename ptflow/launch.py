@@ -1,0 +1,117 @@
+"""Multi-process training: the train stage re-runs itself under torchrun (DDP), one process per device.
+
+The parent (the Prefect task, or a plain call) writes a JSON spec, starts
+`torchrun --standalone --nproc_per_node N -m ptflow.launch SPEC` (what `accelerate launch
+--multi_gpu` runs underneath; `Accelerator` picks the ranks up from its environment, with NCCL
+on GPUs and gloo on CPUs, which `accelerate launch` cannot start), relays rank 0's new
+trainer_log.jsonl records to its `on_log` callback while the ranks train, and re-raises a
+rank's ptflow error with its own type and message. Every rank runs `run_training` on the
+same work folder; only rank 0 writes logs, checkpoints and the final model.
+
+    python -m ptflow.launch SPEC.json     # what each rank runs (not meant to be called by hand)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from ptflow import errors
+from ptflow.errors import PtflowError, TrainingError
+
+SPEC, STATS, ERROR = ".launch-spec.json", ".launch-stats.json", ".launch-error.json"
+
+
+def device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def resolve_num_processes(requested: int | None) -> int:
+    return requested if requested else device_count()
+
+
+def launch_training(folder: Path, spec: dict, num_processes: int, on_log: Callable[[dict], None] | None) -> dict:
+    """Run `run_training` on `num_processes` ranks and return rank 0's stats."""
+    spec_path = folder / SPEC
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+           "-m", "ptflow.launch", str(spec_path)]
+    log_path, relayed = folder / "trainer_log.jsonl", 0
+    process = subprocess.Popen(cmd, env={**os.environ, "PTFLOW_LAUNCHED": "1"})
+    try:
+        while process.poll() is None:
+            time.sleep(1.0)
+            relayed = _relay(log_path, relayed, on_log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    _relay(log_path, relayed, on_log)
+    try:
+        if process.returncode != 0:
+            raise _rank_error(folder, process.returncode)
+        return json.loads((folder / STATS).read_text())
+    finally:
+        for name in (SPEC, STATS, ERROR):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _relay(log_path: Path, already: int, on_log: Callable[[dict], None] | None) -> int:
+    """Pass trainer_log.jsonl records written since the last call to `on_log`; returns the count seen."""
+    if on_log is None or not log_path.exists():
+        return already
+    lines = log_path.read_text().splitlines()
+    complete = lines if log_path.read_text().endswith("\n") else lines[:-1]
+    for line in complete[already:]:
+        on_log(json.loads(line))
+    return max(already, len(complete))
+
+
+def _rank_error(folder: Path, returncode: int) -> PtflowError:
+    try:
+        info = json.loads((folder / ERROR).read_text())
+    except (OSError, ValueError):
+        return TrainingError(f"train: torchrun exited with code {returncode}; the ranks' output above "
+                             "says why")
+    cls = getattr(errors, info["type"], TrainingError)
+    return cls(info["message"]) if issubclass(cls, PtflowError) and cls is not errors.ConfigError else \
+        TrainingError(info["message"])
+
+
+def spec_for(folder: Path, model, train, tokenizer, dataset, seed: int, fingerprint: dict) -> dict:
+    return {"folder": str(folder), "model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+            "tokenizer": asdict(tokenizer), "dataset": asdict(dataset), "seed": seed, "fingerprint": fingerprint}
+
+
+def main(spec_path: str) -> int:
+    from ptflow.config import ModelSection, TrainSection
+    from ptflow.store import Artifact
+    from ptflow.train import run_training
+
+    spec = json.loads(Path(spec_path).read_text())
+    folder = Path(spec["folder"])
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        stats = run_training(folder, ModelSection(**spec["model"]), TrainSection(**spec["train"]),
+                             Artifact(**spec["tokenizer"]), Artifact(**spec["dataset"]), spec["seed"],
+                             spec["fingerprint"])
+    except PtflowError as exc:
+        if rank0:
+            (folder / ERROR).write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        print(f"ptflow: error: {exc}", file=sys.stderr)
+        return 2
+    if rank0:
+        (folder / STATS).write_text(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

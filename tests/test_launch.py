@@ -1,0 +1,57 @@
+"""Multi-process training through `accelerate launch` (gloo DDP on CPU): same batches, same losses, rank errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tiny_assets import ASSETS, write_dataset_info
+from ptflow.config import DataSection, ModelSection, TrainSection
+from ptflow.dataset import prepare_dataset
+from ptflow.errors import TrainingError
+from ptflow.layout import Layout
+from ptflow.train import train
+
+pytestmark = pytest.mark.integration  # two extra Python processes: ~20 s on 2 cores
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tokenizer_artifact, session_layout):
+    folder = tmp_path_factory.mktemp("ddp-data")
+    (folder / "rep.jsonl").write_text((ASSETS / "three_docs.jsonl").read_text() * 10)
+    write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})
+    return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(folder), cutoff_len=16), tokenizer_artifact,
+                           session_layout)
+
+
+def settings(**kw) -> TrainSection:
+    base = dict(max_steps=6, learning_rate=3e-3, logging_steps=1, save_steps=3, lr_scheduler_type="constant")
+    return TrainSection(**{**base, **kw})
+
+
+def log_of(artifact) -> list[dict]:
+    return [json.loads(line) for line in (artifact.dir / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tokenizer_artifact, dataset, tmp_path):
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    relayed = []
+    two = train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, dataset,
+                Layout(tmp_path / "a"), on_log=relayed.append)
+    one = train(model, settings(num_processes=1, per_device_train_batch_size=4), tokenizer_artifact, dataset,
+                Layout(tmp_path / "b"))
+    assert [r["current_steps"] for r in relayed] == list(range(1, 7))  # rank 0's records reached the callback
+    ddp, single = [r["loss"] for r in log_of(two)], [r["loss"] for r in log_of(one)]
+    assert ddp == pytest.approx(single, abs=2e-4)
+    meta = json.loads((two.dir / "checkpoint-3" / "ptflow_checkpoint.json").read_text())
+    assert meta["fingerprint"]["world_size"] == 2
+    assert not [p.name for p in two.dir.iterdir() if p.name.startswith(".launch")]
+    assert two.key != one.key  # the process count is part of the key
+
+
+def test_rank_error_keeps_its_type_and_message(tiny_model_dir, tokenizer_artifact, dataset, tmp_path):
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    with pytest.raises(TrainingError, match=r"not finite at step \d"):
+        train(model, settings(num_processes=2, per_device_train_batch_size=2, learning_rate=1e10, max_grad_norm=0),
+              tokenizer_artifact, dataset, Layout(tmp_path / "c"))

@@ -17,7 +17,9 @@ alternating order over --repeats rounds, so the two sides see the same machine s
                 cut into cutoff_len blocks (the batch's remainder is dropped), num_proc processes.
                 "lf map" is the tokenize+pack map alone. A fresh datasets cache per run.
 
-The ratio is LF seconds / ptflow seconds (the same corpus in, blocks out). Tokens/s are each side's
+The ratio is LF seconds / ptflow seconds (the same corpus in, blocks out); "vs lf (CPU)" compares
+CPU seconds of each run's whole process tree, which stays meaningful on a machine shared with
+other work (wall-clock ratios there depend on who else is running). Tokens/s are each side's
 own packed tokens per second (LF packs fewer: it drops each batch's remainder). Both sides use the
 machine's cores: --workers (default: all) is ptflow's preprocessing_num_workers and LF's
 preprocessing_num_workers (num_proc).
@@ -33,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -208,13 +211,19 @@ def measure(kind: str, args) -> dict:
            "--cutoff", str(args.cutoff), "--workers", str(args.workers)]
     if args.scratch:
         cmd += ["--scratch", str(args.scratch)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.exit(f"{kind} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    print(f"  {kind:<14} {result['seconds']:7.2f} s  {result['tokens'] / result['seconds'] / 1e6:6.3f}M tok/s",
-          file=sys.stderr)
+    # CPU seconds of the whole process tree (workers included), imports and setup too
+    result["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["loadavg_before"] = load
+    print(f"  {kind:<14} {result['seconds']:7.2f} s  {result['tokens'] / result['seconds'] / 1e6:6.3f}M tok/s  "
+          f"{result['cpu_seconds']:7.1f} CPU s (process tree)  load avg before {load:.1f}", file=sys.stderr)
     return result
 
 
@@ -252,16 +261,17 @@ def main() -> None:
     runs["ptflow-repack"].append(measure("ptflow-repack", args))
 
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items() if v}
-    rows = [("run", "seconds", "blocks", "tokens", "Mtok/s", "vs lf")]
+    rows = [("run", "seconds", "CPU s", "blocks", "tokens", "Mtok/s", "vs lf (wall)", "vs lf (CPU)")]
     lf = best.get("lf")
     for kind, r in best.items():
-        ratio = f"{lf['seconds'] / r['seconds']:.2f}x" if lf else "-"
-        rows.append((kind, f"{r['seconds']:.2f}", f"{r['blocks']:,}", f"{r['tokens']:,}",
-                     f"{r['tokens'] / r['seconds'] / 1e6:.3f}", ratio))
+        rows.append((kind, f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.1f}", f"{r['blocks']:,}", f"{r['tokens']:,}",
+                     f"{r['tokens'] / r['seconds'] / 1e6:.3f}",
+                     f"{lf['seconds'] / r['seconds']:.2f}x" if lf else "-",
+                     f"{lf['cpu_seconds'] / r['cpu_seconds']:.2f}x" if lf else "-"))
     if lf:
-        rows.append(("lf map", f"{lf['map_seconds']:.2f}", f"{lf['blocks']:,}", f"{lf['tokens']:,}",
+        rows.append(("lf map only", f"{lf['map_seconds']:.2f}", "", f"{lf['blocks']:,}", f"{lf['tokens']:,}",
                      f"{lf['tokens'] / lf['map_seconds'] / 1e6:.3f}",
-                     f"{lf['map_seconds'] / best['ptflow']['seconds']:.2f}x (ptflow whole stage vs LF map only)"))
+                     f"{lf['map_seconds'] / best['ptflow']['seconds']:.2f}x", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     device = f"{platform.node()}: {len(os.sched_getaffinity(0))} cores, {platform.processor() or platform.machine()}"
     print(f"\n{time.strftime('%Y-%m-%d')}  {device}  (best of {args.repeats}; ratio = LF seconds / ptflow seconds)")

@@ -42,6 +42,7 @@ def preflight(config: RunConfig, source: str = "config") -> None:
         if isinstance(max_pos, int) and config.data.cutoff_len > max_pos:
             problems.append(f"data.cutoff_len: {config.data.cutoff_len} is beyond the model's "
                             f"max_position_embeddings {max_pos} ({model_dir / 'config.json'}); lower cutoff_len")
+        problems += _vocab_fits(config, model_dir, model_config)
     try:
         check_sources(resolve_sources(config.data))
     except PtflowError as exc:
@@ -85,6 +86,21 @@ def _evaluate_only(config: RunConfig, model_dir: Path | None) -> list[str]:
             problems.append(f"output.output_dir: {out} is the model folder being evaluated; ptflow never writes into "
                             "its inputs: choose another output_dir")
     return problems
+
+
+def _vocab_fits(config: RunConfig, model_dir: Path, model_config: dict) -> list[str]:
+    """Every token id the tokenizer can emit must have an embedding row (or resize_vocab must be on)."""
+    from ptflow.tokenizer import open_tokenizer
+
+    vocab = model_config.get("vocab_size")
+    try:
+        tokens = len(open_tokenizer(model_dir, config.model.use_fast_tokenizer, config.model.trust_remote_code))
+    except PtflowError as exc:
+        return [str(exc)]
+    if isinstance(vocab, int) and tokens > vocab and not config.model.resize_vocab:
+        return [f"model.model_name_or_path: the tokenizer in {model_dir} has {tokens} tokens but config.json's "
+                f"vocab_size is {vocab}; set model.resize_vocab: true or use the model's own tokenizer"]
+    return []
 
 
 def _writable(path: Path, what: str) -> list[str]:

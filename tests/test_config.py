@@ -247,3 +247,22 @@ def test_preflight_reports_every_mismatch_at_once(make_config, tmp_path):
     assert len(info.value.problems) == 2
     assert "data.cutoff_len: 256 is beyond the model's max_position_embeddings 128" in info.value.problems[0]
     assert "data.dataset: 'nope' is not in" in info.value.problems[1]
+
+
+def test_preflight_refuses_a_tokenizer_larger_than_the_model_vocabulary(make_config, tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from ptflow.errors import PreflightError
+    from ptflow.preflight import preflight
+
+    small = tmp_path / "small-vocab"
+    shutil.copytree(tiny_model_dir, small)
+    config_json = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config_json, "vocab_size": 1000}))
+    config = make_config(store=str(tmp_path / "store"), model={"model_name_or_path": str(small)})
+    with pytest.raises(PreflightError, match=r"has 4096 tokens but config.json's vocab_size is 1000; set "
+                                              r"model.resize_vocab: true"):
+        preflight(config)
+    preflight(make_config(store=str(tmp_path / "store"),
+                          model={"model_name_or_path": str(small), "resize_vocab": True}))

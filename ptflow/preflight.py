@@ -47,6 +47,10 @@ def preflight(config: RunConfig, source: str = "config") -> None:
         check_sources(resolve_sources(config.data))
     except PtflowError as exc:
         problems.append(str(exc))
+    resume = config.train.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() not in ("auto", "true", "false") and not Path(resume).is_dir():
+        problems.append(f"train.resume_from_checkpoint: {resume} is not a directory; give a checkpoint-<step> "
+                        "folder, auto, or false")
     layout = Layout.resolve(config.store)
     problems += _writable(layout.root, "store (PTFLOW_HOME or `store:`)")
     out = layout.output_dir(config.output.output_dir, config.run_name)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ptflow import faults
 from ptflow.errors import CheckpointError
 
 log = logging.getLogger("ptflow.checkpoint")
@@ -40,6 +41,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, finger
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), tmp / WEIGHTS)
+    faults.point(f"checkpoint:writing-{step}")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

@@ -2,8 +2,13 @@
 
     ptflow run CONFIG [section.key=value ...]       run the pretraining flow (embedded Prefect by default)
     ptflow validate CONFIG [section.key=value ...]  check the config and its inputs without running
-    ptflow config-reference                          print every config key with its default and meaning
+    ptflow config-reference [--llamafactory]         print every config key with its default and meaning
+                                                     (--llamafactory: every LLaMA-Factory key and what it becomes)
+    ptflow convert-lf LF.yaml [-o OUT.yaml]          write the ptflow YAML of a LLaMA-Factory pt YAML
     ptflow deploy [--pool-type gpu=kubernetes]       create prefect.yaml's work pools and apply its deployments
+
+`run` and `validate` also take a LLaMA-Factory pt YAML as it is (flat keys, `stage: pt`) and print
+what each key became; its overrides may be flat (`learning_rate=3e-4`) or dotted.
 
 User errors (config, data, model, checkpoint) print a readable message and exit 2 without
 a traceback; anything else is a bug and keeps its traceback.
@@ -33,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=3e-4")
-    sub.add_parser("config-reference", help="print every config key (markdown)")
+    p = sub.add_parser("config-reference", help="print every config key (markdown)")
+    p.add_argument("--llamafactory", action="store_true", help="print every LLaMA-Factory key and what it becomes")
+    p = sub.add_parser("convert-lf", help="write the ptflow YAML of a LLaMA-Factory pt YAML")
+    p.add_argument("config", help="LLaMA-Factory YAML (stage: pt, flat keys)")
+    p.add_argument("-o", "--output", help="file to write (default: print it)")
     p = sub.add_parser("deploy", help="create the work pools of prefect.yaml and apply its deployments")
     p.add_argument("--project-dir", default=".", help="folder with prefect.yaml (default: current folder)")
     p.add_argument("--pool-type", action="append", default=[], metavar="POOL=TYPE",
@@ -50,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             from ptflow.deploy import deploy
 
             return deploy(args.project_dir, args.pool_type, args.code_dir, args.dry_run)
+        if args.command == "convert-lf":
+            return convert_lf(args.config, args.output)
+        if args.llamafactory:
+            from ptflow.llamafactory import reference_table
+
+            print(reference_table())
+            return 0
         from ptflow.config import describe_fields
 
         print(describe_fields())
@@ -66,6 +82,7 @@ def validate(config: str, overrides: list[str]) -> int:
     from ptflow.config import load_config
     from ptflow.preflight import preflight
 
+    print_llamafactory_notes(config, overrides)
     cfg = load_config(config, overrides)
     preflight(cfg, config)
     print(f"{config}: OK ({', '.join(cfg.data.dataset)} -> {cfg.model.model_name_or_path}, "
@@ -79,6 +96,7 @@ def run(config: str, overrides: list[str]) -> int:
     from ptflow.config import load_config
     from ptflow.preflight import preflight
 
+    print_llamafactory_notes(config, overrides)
     preflight(load_config(config, overrides), config)  # fail before Prefect starts
     from flows.pretrain import pretrain
 
@@ -98,6 +116,33 @@ def run(config: str, overrides: list[str]) -> int:
     if os.environ.get("PTFLOW_SUMMARY_JSON"):
         with open(os.environ["PTFLOW_SUMMARY_JSON"], "w") as f:
             json.dump({**summary, "wall_s": elapsed}, f, indent=2)
+    return 0
+
+
+def print_llamafactory_notes(config: str, overrides: list[str]) -> None:
+    """A LLaMA-Factory file: say what each key became, which defaults were applied, what is ignored."""
+    from ptflow.llamafactory import explain_file
+
+    notes = explain_file(config, overrides)
+    if notes:
+        print(notes, flush=True)
+
+
+def convert_lf(config: str, output: str | None) -> int:
+    from pathlib import Path
+
+    from ptflow.errors import ConfigError
+    from ptflow.llamafactory import convert_file
+
+    print_llamafactory_notes(config, [])
+    text, _ = convert_file(config)
+    if not output:
+        print(text, end="")
+        return 0
+    if Path(output).exists() and Path(output).resolve() == Path(config).resolve():
+        raise ConfigError(output, ["-o names the LLaMA-Factory file itself; write the ptflow YAML to another file"])
+    Path(output).write_text(text, encoding="utf-8")
+    print(f"ptflow: wrote {output} (check it with `ptflow validate {output}`)", file=sys.stderr)
     return 0
 
 

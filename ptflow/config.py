@@ -92,6 +92,10 @@ class DataSection(Section):
         False, description="Record where each document starts inside every packed block (<split>_doc_offsets.npy, "
         "<split>_doc_starts.npy) so training can block attention across documents and restart positions."
     )
+    streaming: bool = Field(
+        False, description="LLaMA-Factory's streaming mode. Not supported yet: must be false (accepted so LLaMA-Factory "
+        "configs load). Large corpora are tokenized once into the shard cache; max_samples limits a debug run."
+    )
     preprocessing_num_workers: int | None = Field(
         None, ge=1, description="Processes that tokenize shards in parallel; default every available core. The result "
         "does not depend on it (not part of the cache key)."
@@ -140,6 +144,10 @@ class DataSection(Section):
             if self.mix_strategy == "interleave_over" and any(p == 0 for p in probs):
                 problems.append("data.interleave_probs: interleave_over uses every dataset up; a probability of 0 "
                                 "never would; raise it or use interleave_under")
+        if self.streaming:
+            problems.append("data.streaming: true is not supported yet; set it to false (prepare_dataset tokenizes "
+                            "each file once into the shard cache, so later runs reuse it; use max_samples for a "
+                            "quick run on a prefix)")
         if self.doc_mask and not self.packing:
             problems.append("data.doc_mask marks documents inside packed blocks; with packing: false every block "
                             "is one document already: remove doc_mask or set packing: true")
@@ -391,6 +399,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(str(path), [f"expected a mapping of sections at the top level, got {type(raw).__name__}"])
+    from ptflow import llamafactory  # imports this module: loaded on use
+
+    if llamafactory.is_llamafactory(raw):  # a flat LLaMA-Factory pt file: mapped onto the sections
+        return llamafactory.load(raw, str(path), root, overrides)
     problems = apply_overrides(raw, overrides)
     return validate_config(raw, str(path), root, problems)
 

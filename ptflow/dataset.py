@@ -48,7 +48,8 @@ __all__ = ["STAGE", "Source", "check_sources", "components", "open_blocks", "ope
 log = logging.getLogger("ptflow.dataset")
 
 STAGE = "prepare_dataset"
-CODE_MODULES = ("ptflow.dataset", "ptflow.mixing", "ptflow.packing", "ptflow.shards", "ptflow.sources")
+CODE_MODULES = ("ptflow.dataset", "ptflow.fastencode", "ptflow.mixing", "ptflow.packing", "ptflow.shards",
+                "ptflow.sources")
 
 
 def resolve_all(section: "DataSection") -> tuple[list[Source], list[Source]]:

@@ -21,7 +21,7 @@ from ptflow.layout import Layout
 
 def preflight(config: RunConfig, source: str = "config") -> None:
     """Raise PreflightError listing every problem found."""
-    from ptflow.dataset import check_sources, resolve_sources
+    from ptflow.dataset import check_sources, resolve_all
     from ptflow.model import model_files
     from ptflow.tokenizer import resolve_model_dir, tokenizer_source_files
 
@@ -44,7 +44,7 @@ def preflight(config: RunConfig, source: str = "config") -> None:
                             f"max_position_embeddings {max_pos} ({model_dir / 'config.json'}); lower cutoff_len")
         problems += _vocab_fits(config, model_dir, model_config)
     try:
-        check_sources(resolve_sources(config.data))
+        check_sources([source for sources in resolve_all(config.data) for source in sources])
     except PtflowError as exc:
         problems.append(str(exc))
     resume = config.train.resume_from_checkpoint

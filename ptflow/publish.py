@@ -255,8 +255,9 @@ def publish(section: OutputSection, output_dir: Path, artifacts: Sequence[Artifa
         raise HubError(f"publish: no Hub token found; export HF_TOKEN=<a write token from {TOKENS_URL}> "
                        "(or set output.hub_token in the config file)")
     hub = _Hub(token, retry_delays_s, sleep)
-    whoami = hub.call("whoami", hub.api.whoami)
-    repo_id = full_repo_id(section.hub_model_id or run_name, whoami)
+    name = section.hub_model_id or run_name
+    # whoami (rate-limited on the Hub, and already asked by the preflight) only to learn a missing namespace.
+    repo_id = name if "/" in name else full_repo_id(name, hub.call("whoami", hub.api.whoami))
     repo_url = hub.call("create repo", lambda: hub.api.create_repo(repo_id, private=section.hub_private_repo,
                                                                    exist_ok=True), repo_id)
     message = commit_message(run_name, data_digest, flow_run)

@@ -40,7 +40,7 @@ from ptflow.store import DigestMemo, build_or_reuse, code_version, key_lock, loo
 log = logging.getLogger("ptflow.shards")
 
 STAGE = "tokenize"
-CODE_MODULES = ("ptflow.shards", "ptflow.sources")
+CODE_MODULES = ("ptflow.fastencode", "ptflow.shards", "ptflow.sources")
 INLINE_BYTES = 4 << 20  # below this much text to tokenize, starting worker processes costs more than it saves
 
 
@@ -122,22 +122,51 @@ def encode_texts(texts: list[str], encode: Callable[[list[str]], list[list[int]]
     return tokens, ends
 
 
-def fast_encoder(backend) -> Callable[[list[str]], list[list[int]]]:
-    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: ~5% faster
-    return lambda texts: [e.ids for e in batch(texts, add_special_tokens=False)]
+class Encoder:
+    """texts -> id lists, exactly as `tokenizer(texts, add_special_tokens=False)`; the fast word path when it applies.
+
+    `check(texts)` compares the fast path with the Rust pipeline on the beginning of a shard's
+    texts; on any difference the fast path is dropped for good (and the shard re-encoded).
+    """
+
+    SAMPLE_DOCS, SAMPLE_CHARS = 4, 8192
+
+    def __init__(self, rust=None, slow_tokenizer=None):
+        from ptflow.fastencode import WordEncoder
+
+        self.rust, self.slow_tokenizer = rust, slow_tokenizer
+        self.fast = WordEncoder.for_tokenizer(rust) if rust is not None else None
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast(texts)
+        return self.exact(texts)
+
+    def exact(self, texts: list[str]) -> list[list[int]]:
+        if self.rust is None:
+            return [list(ids) for ids in
+                    self.slow_tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+        batch = getattr(self.rust, "encode_batch_fast", self.rust.encode_batch)  # no offsets: a bit faster
+        return [e.ids for e in batch(texts, add_special_tokens=False)]
+
+    def check(self, texts: list[str], where: str) -> None:
+        if self.fast is None:
+            return
+        sample = [t[: self.SAMPLE_CHARS] for t in texts[: self.SAMPLE_DOCS]]
+        if self.fast(sample) != self.exact(sample):
+            log.warning("tokenize: the fast encoder differs from the tokenizer on %s; using the tokenizer's own "
+                        "pipeline from now on", where)
+            self.fast = None
 
 
-def slow_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
-    return lambda texts: [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-
-
-def tokenize_shard(layout: Layout, task: ShardTask, encode: Callable, encoding: Encoding) -> ShardResult:
+def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: Encoding) -> ShardResult:
     """Build (or find) one shard's artifact."""
     started = time.perf_counter()
 
     def build(folder: Path) -> dict:
         texts = read_shard(task.shard)
-        tokens, ends = encode_texts(texts, encode, encoding.eos_token_id, np.dtype(encoding.dtype),
+        encoder.check(texts, task.shard.where)
+        tokens, ends = encode_texts(texts, encoder, encoding.eos_token_id, np.dtype(encoding.dtype),
                                     encoding.batch_size)
         np.save(folder / "tokens.npy", tokens)
         np.save(folder / "doc_ends.npy", ends)
@@ -164,12 +193,11 @@ def _init_worker(root: str, encoding: Encoding) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
     from tokenizers import Tokenizer
 
-    _WORKER.update(layout=Layout(root), encoding=encoding,
-                   encode=fast_encoder(Tokenizer.from_str(encoding.tokenizer_json)))
+    _WORKER.update(layout=Layout(root), encoding=encoding, encoder=Encoder(Tokenizer.from_str(encoding.tokenizer_json)))
 
 
 def _work(task: ShardTask) -> ShardResult:
-    return tokenize_shard(_WORKER["layout"], task, _WORKER["encode"], _WORKER["encoding"])
+    return tokenize_shard(_WORKER["layout"], task, _WORKER["encoder"], _WORKER["encoding"])
 
 
 def default_workers() -> int:
@@ -254,13 +282,13 @@ def _needed(results: list[ShardResult | None], limit: int | None) -> list[int]:
 
 def _run_inline(layout, tasks, results, todo, limits, encoding, tokenizer, _workers) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    encode = fast_encoder(backend) if backend is not None else slow_encoder(tokenizer)
+    encoder = Encoder(backend) if backend is not None else Encoder(slow_tokenizer=tokenizer)
     progress = _progress(sum(tasks[n][i].size for n, i in todo))
     try:
         for name, i in todo:
             if i >= _prefix_needed(results[name], limits.get(name)):
                 continue  # max_samples reached with the shards before this one
-            results[name][i] = tokenize_shard(layout, tasks[name][i], encode, encoding)
+            results[name][i] = tokenize_shard(layout, tasks[name][i], encoder, encoding)
             progress.update(tasks[name][i].size)
     finally:
         progress.close()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ptflow import __version__
+from ptflow import __version__, faults
 from ptflow.errors import StoreError
 from ptflow.layout import MANIFEST, Layout
 
@@ -269,6 +269,7 @@ def build_or_reuse(
             work.mkdir(parents=True, exist_ok=True)
             started = time.time()
             stats = build(work)
+            faults.point(f"{stage}:built")
             stats = {**stats, "build_s": round(time.time() - started, 3)}
             digest, files = files_digest(work, skip_digest)
             manifest = {"stage": stage, "key": key, "digest": digest, "components": components, "stats": stats,

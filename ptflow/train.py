@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ptflow import checkpoint as ckpt
+from ptflow import faults
 from ptflow.config import ModelSection, TrainSection
 from ptflow.dataset import open_blocks
 from ptflow.errors import DataError, TrainingError
@@ -234,8 +235,13 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                 loss_value, _ = eval_loss(accelerator.unwrap_model(net), eval_blocks, eval_lengths,
                                           train.per_device_train_batch_size, device,
                                           torch.bfloat16 if train.bf16 and not train.pure_bf16 else None)
-                record = record or {"current_steps": done, "total_steps": total_steps,
-                                    "epoch": round(done / steps_per_epoch, 4)}
+                if record is None:  # LLaMA-Factory's LogCallback fields for an evaluation-only log line
+                    elapsed = time.perf_counter() - window.started
+                    record = {"current_steps": done, "total_steps": total_steps,
+                              "epoch": round(done / steps_per_epoch, 4),
+                              "percentage": round(100 * done / total_steps, 2),
+                              "elapsed_time": format_seconds(elapsed),
+                              "remaining_time": format_seconds(elapsed / (done - start_step) * (total_steps - done))}
                 record["eval_loss"] = loss_value
                 window.opened += time.perf_counter() - eval_start  # evaluation is not training throughput
             if record and main:
@@ -253,6 +259,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                     ckpt.save_checkpoint(folder, done, accelerator.unwrap_model(net), optimizer, scheduler, fingerprint,
                                          {"trainer_state": state, "tokens_seen": done * tokens_per_step})
                     ckpt.rotate(folder, train.save_total_limit)
+            faults.point(f"train:step-{done}")
             if done == int(os.environ.get("PTFLOW_TEST_FAIL_AFTER_STEP", 0)):  # fault injection for tests
                 raise TrainingError(f"train: injected failure after step {done} (PTFLOW_TEST_FAIL_AFTER_STEP)")
     finally:
@@ -275,6 +282,8 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                "train_steps_per_second": round(steps_run / runtime, 3) if runtime else None,
                "train_tokens": total_steps * tokens_per_step}
     (folder / "train_results.json").write_text(json.dumps(results, indent=2))
+    # transformers' save_metrics("train") writes all_results.json too; evaluate merges eval_results into it
+    (folder / "all_results.json").write_text(json.dumps(results, indent=2))
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state(history, total_steps, total_steps, train,
                                                                         steps_per_epoch), indent=2))
     return {"total_steps": total_steps, "resumed_from": resumed_from, "parameters": n_total,

@@ -83,5 +83,7 @@ def lineage_slot(run_name: str) -> Iterator[None]:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:  # another run created it first
                 pass
-    with concurrency(name, occupy=1, strict=True):
+    # The shortest lease the server accepts, renewed while training runs: a run killed with -9 frees
+    # the slot within 60 s instead of blocking its own re-run for the 300 s default.
+    with concurrency(name, occupy=1, strict=True, lease_duration=60):
         yield

@@ -278,3 +278,244 @@ def test_seed_is_part_of_the_key_only_with_a_split(tiny_data_dir, tokenizer_arti
     split = prepare_dataset(data(tiny_data_dir, cutoff_len=10, val_size=1), tokenizer_artifact, layout, seed=1)
     other = prepare_dataset(data(tiny_data_dir, cutoff_len=10, val_size=1), tokenizer_artifact, layout, seed=2)
     assert other.key != split.key and other.reason == "changed config.seed: 1 -> 2"
+
+
+# --------------------------------------------------------------------------- LLaMA-Factory's flaws, fixed
+
+
+def test_eos_is_a_trained_label_and_no_bos_is_written(tiny_data_dir, tokenizer_artifact, layout):
+    from ptflow.evaluate import batch_tensors
+
+    artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
+    blocks, lengths = open_blocks(artifact, "train")
+    ids, labels, mask = batch_tensors(blocks, lengths, np.arange(len(blocks)))
+    eos_positions = (ids == EOS).nonzero().tolist()
+    assert eos_positions == [[1, 9], [3, 2]]  # the ends of documents 1 and 2 (19 = block 1, 32 = block 3)
+    assert all(labels[b, p] == EOS for b, p in eos_positions)  # not -100: the model learns to end documents
+    assert mask is None and (ids[:, 0] != BOS).all()
+
+
+def test_no_remainder_is_dropped_per_batch(tmp_path, tokenizer_artifact, tok, layout):
+    texts = [f"document {i} has some words" for i in range(25)]
+    root = make_data_dir(tmp_path / "d", {"many.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in texts)})
+    artifact = prepare_dataset(data(root, "many", cutoff_len=16, preprocessing_batch_size=4), tokenizer_artifact,
+                               layout)
+    expected = stream_of(tok, texts)
+    blocks, _ = open_blocks(artifact, "train")
+    assert blocks.ravel().tolist() == expected[: len(expected) // 16 * 16]
+    assert artifact.stats["dropped_tokens"] == len(expected) % 16 < 16  # LF would drop up to 15 per batch of 4
+
+
+# --------------------------------------------------------------------------- doc_mask, eval_dataset, mixing
+
+
+def test_doc_mask_records_document_starts(tiny_data_dir, tokenizer_artifact, layout):
+    from ptflow.dataset import open_doc_starts
+
+    artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=10, doc_mask=True), tokenizer_artifact, layout)
+    starts = open_doc_starts(artifact, "train")
+    # documents end at 19, 32 (then 47): they start at 0, 20 (block 2, offset 0) and 33 (block 3, offset 3)
+    assert [starts[i].tolist() for i in range(len(starts))] == [[0], [0], [0], [0, 3]]
+    assert open_doc_starts(prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout),
+                           "train") is None
+
+
+def test_doc_mask_follows_the_val_split(tiny_data_dir, tokenizer_artifact, layout):
+    from ptflow.dataset import open_doc_starts
+
+    full = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, doc_mask=True), tokenizer_artifact,
+                           layout)
+    split = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, doc_mask=True, val_size=0.1),
+                            tokenizer_artifact, layout, seed=3)
+    every = open_doc_starts(full, "train")
+    train_idx, eval_idx = split_indices(541, 0.1, 3)
+    for name, idx in (("train", train_idx), ("eval", eval_idx)):
+        mine = open_doc_starts(split, name)
+        assert len(mine) == len(idx)
+        assert all(mine[k].tolist() == every[i].tolist() for k, i in enumerate(idx))
+
+
+def test_eval_dataset_packs_its_own_blocks(tiny_data_dir, tokenizer_artifact, tok, layout):
+    notes = [line for line in (ASSETS / "notes.txt").read_text().splitlines() if line.strip()]
+    artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=8, eval_dataset="notes"), tokenizer_artifact, layout)
+    train, _ = open_blocks(artifact, "train")
+    held, _ = open_blocks(artifact, "eval")
+    assert train.ravel().tolist() == stream_of(tok, THREE)[:48]
+    assert held.ravel().tolist() == stream_of(tok, notes)[:24]
+    assert (artifact.stats["train_blocks"], artifact.stats["eval_blocks"]) == (6, 3)
+    assert artifact.stats["dropped_tokens"] == 0 + 28 - 24
+    assert counts(artifact.stats, "notes (eval)")["documents"] == 3
+
+
+def test_interleave_mixes_documents_in_datasets_order(tiny_data_dir, tokenizer_artifact, tok, layout):
+    notes = [line for line in (ASSETS / "notes.txt").read_text().splitlines() if line.strip()]
+    under = prepare_dataset(data(tiny_data_dir, "three,notes", cutoff_len=2, mix_strategy="interleave_under"),
+                            tokenizer_artifact, layout)
+    expected = stream_of(tok, [THREE[0], notes[0], THREE[1], notes[1], THREE[2], notes[2]])
+    assert open_blocks(under, "train")[0].ravel().tolist() == expected[: len(expected) // 2 * 2]
+    probs = prepare_dataset(data(tiny_data_dir, "three,notes", cutoff_len=2, mix_strategy="interleave_over",
+                                 interleave_probs="0.5,0.5"), tokenizer_artifact, layout, seed=5)
+    assert probs.stats["sources"]["three"]["documents"] >= 3 and probs.stats["sources"]["notes"]["documents"] >= 3
+    again = prepare_dataset(data(tiny_data_dir, "three,notes", cutoff_len=2, mix_strategy="interleave_over",
+                                 interleave_probs="0.5,0.5"), tokenizer_artifact, layout, seed=6)
+    assert again.key != probs.key  # the draw is seeded: the seed is in the key
+
+
+def test_num_samples_resamples_an_entry(tmp_path, tokenizer_artifact, tok, layout):
+    root = make_data_dir(tmp_path / "d", {"three.jsonl": (ASSETS / "three_docs.jsonl").read_text()},
+                         {"up": {"file_name": "three.jsonl", "num_samples": 7}})
+    artifact = prepare_dataset(data(root, "up", cutoff_len=4), tokenizer_artifact, layout)
+    assert counts(artifact.stats, "up")["documents"] == 7
+    blocks, _ = open_blocks(artifact, "train")
+    assert artifact.stats["train_blocks"] * 4 + artifact.stats["dropped_tokens"] == artifact.stats["sources"]["up"]["tokens"]
+    assert blocks.ravel().tolist().count(EOS) >= 6
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"dataset": "a,b", "interleave_probs": [0.5, 0.3, 0.2], "mix_strategy": "interleave_under"},
+     r"data\.interleave_probs has 3 values for 2 datasets \(a, b\); give one probability per dataset"),
+    ({"dataset": "a,b", "interleave_probs": "0.5,0.4", "mix_strategy": "interleave_under"},
+     r"must be non-negative and sum to 1 \(they sum to 0\.9\)"),
+    ({"dataset": "a,b", "interleave_probs": "0.5,0.5"}, r"only used with mix_strategy interleave_under"),
+    ({"dataset": "a,b", "interleave_probs": "1,0", "mix_strategy": "interleave_over"}, r"a probability of 0"),
+    ({"dataset": "a", "val_size": 0.1, "eval_dataset": "b"}, r"val_size and data\.eval_dataset both"),
+    ({"dataset": "a,a"}, r"data\.dataset lists a more than once"),
+    ({"dataset": "a", "doc_mask": True, "packing": False}, r"with packing: false every block is one document"),
+])
+def test_data_section_checks(kw, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        DataSection(dataset_dir="d", **kw)
+
+
+def test_eval_dataset_must_be_registered(tiny_data_dir, tokenizer_artifact, layout):
+    with pytest.raises(DataError, match=r"data\.eval_dataset: 'held' is not in .*\(it has: notes, stdlib_docs, three\)"):
+        prepare_dataset(data(tiny_data_dir, eval_dataset="held"), tokenizer_artifact, layout)
+
+
+# --------------------------------------------------------------------------- the shard cache
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    from ptflow import sources
+
+    monkeypatch.setattr(sources, "MIN_SHARD_BYTES", 8192)  # the 200-document corpus becomes ~16 shards
+
+
+def sources_of(artifact, name):
+    return artifact.stats["sources"][name]
+
+
+def test_configs_sharing_a_source_share_its_shards(tiny_data_dir, tokenizer_artifact, layout):
+    first = prepare_dataset(data(tiny_data_dir, "three", cutoff_len=8), tokenizer_artifact, layout)
+    assert (first.stats["shards_built"], first.stats["shards_reused"]) == (1, 0)
+    both = prepare_dataset(data(tiny_data_dir, "three,notes", cutoff_len=8), tokenizer_artifact, layout)
+    assert not both.hit
+    assert sources_of(both, "three")["shards_reused"] == 1
+    assert sources_of(both, "three")["cache"] == "reused all 1 shards (same file bytes and tokenizer)"
+    assert sources_of(both, "notes")["cache"] == "new file: notes.txt"
+    assert (both.stats["shards_built"], both.stats["shards_reused"]) == (1, 1)
+
+
+def test_a_new_tokenizer_retokenizes_everything(tiny_data_dir, tokenizer_artifact, layout):
+    prepare_dataset(data(tiny_data_dir, "three,notes", cutoff_len=8), tokenizer_artifact, layout)
+    other = dataclasses.replace(tokenizer_artifact, digest="e" * 64)
+    again = prepare_dataset(data(tiny_data_dir, "three,notes", cutoff_len=8), other, layout)
+    assert (again.stats["shards_built"], again.stats["shards_reused"]) == (2, 0)
+    assert sources_of(again, "three")["cache"] == "tokenizer changed: three_docs.jsonl"
+
+
+def test_changing_cutoff_len_repacks_without_retokenizing(tiny_data_dir, tokenizer_artifact, layout, small_shards):
+    first = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64), tokenizer_artifact, layout)
+    n = first.stats["shards_built"]
+    assert n > 3 and first.stats["shards_reused"] == 0
+    second = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=32, packing=True, doc_mask=True),
+                             tokenizer_artifact, layout)
+    assert (second.stats["shards_built"], second.stats["shards_reused"]) == (0, n)
+    a, _ = open_blocks(first, "train")
+    b, _ = open_blocks(second, "train")
+    assert np.array_equal(np.asarray(a).ravel(), np.asarray(b).ravel()[: a.size])
+
+
+def test_adding_a_file_to_a_folder_tokenizes_only_that_file(tmp_path, tokenizer_artifact, tok, layout):
+    root = tmp_path / "d"
+    (root / "daily").mkdir(parents=True)
+    for day, text in enumerate(THREE):
+        (root / "daily" / f"day{day}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    write_dataset_info(root, {"daily": {"file_name": "daily"}})
+    first = prepare_dataset(data(root, "daily", cutoff_len=4), tokenizer_artifact, layout)
+    assert first.stats["shards_built"] == 3
+    (root / "daily" / "day3.jsonl").write_text(json.dumps({"text": "a new day"}) + "\n")
+    second = prepare_dataset(data(root, "daily", cutoff_len=4), tokenizer_artifact, layout)
+    assert (second.stats["shards_built"], second.stats["shards_reused"]) == (1, 3)
+    assert sources_of(second, "daily")["cache"] == "reused: day0.jsonl, day1.jsonl, day2.jsonl; new file: day3.jsonl"
+    assert second.reason.startswith("changed inputs.files.daily/day3.jsonl: absent -> ")
+    expected = stream_of(tok, [*THREE, "a new day"])
+    assert open_blocks(second, "train")[0].ravel().tolist() == expected[: len(expected) // 4 * 4]
+
+
+def test_an_edited_file_says_so(tmp_path, tokenizer_artifact, layout):
+    root = make_data_dir(tmp_path / "d", {"c.jsonl": '{"text": "first version of the text"}\n'})
+    prepare_dataset(data(root, "c", cutoff_len=2), tokenizer_artifact, layout)
+    (root / "c.jsonl").write_text('{"text": "second version of the text"}\n')
+    edited = prepare_dataset(data(root, "c", cutoff_len=2), tokenizer_artifact, layout)
+    assert sources_of(edited, "c")["cache"] == "file changed: c.jsonl"
+
+
+def test_interrupted_preparation_resumes_with_the_unfinished_shards(tiny_data_dir, tokenizer_artifact, layout,
+                                                                    small_shards, monkeypatch):
+    from ptflow import shards
+
+    real, calls = shards.tokenize_shard, []
+
+    def dies_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is killed mid-way
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "tokenize_shard", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64), tokenizer_artifact, layout)
+    monkeypatch.setattr(shards, "tokenize_shard", real)
+    resumed = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64), tokenizer_artifact, layout)
+    total = resumed.stats["shards_built"] + resumed.stats["shards_reused"]
+    assert resumed.stats["shards_reused"] == 3 and total > 3
+    assert sources_of(resumed, "stdlib_docs")["cache"] == f"resumed (3 of {total} shards were already tokenized): " \
+                                                          "corpus.jsonl"
+    fresh = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64), tokenizer_artifact,
+                            type(layout)(layout.root.parent / "fresh-store"))
+    assert fresh.digest == resumed.digest
+
+
+def test_a_bad_line_keeps_the_finished_shards(tmp_path, tokenizer_artifact, layout, small_shards):
+    lines = [json.dumps({"text": f"line number {i} of the corpus"}) for i in range(60)]
+    lines[50] = '{"text": oops}'
+    root = make_data_dir(tmp_path / "d", {"c.jsonl": "\n".join(lines) + "\n"})
+    with pytest.raises(DataError, match=r"c\.jsonl:51: malformed JSON"):
+        prepare_dataset(data(root, "c", cutoff_len=8), tokenizer_artifact, layout)
+    lines[50] = json.dumps({"text": "fixed"})
+    (root / "c.jsonl").write_text("\n".join(lines) + "\n")
+    fixed = prepare_dataset(data(root, "c", cutoff_len=8), tokenizer_artifact, layout)
+    assert fixed.stats["shards_built"] >= 1  # the edited file has new bytes: its shards are new keys
+    assert [p.name for p in layout.stage_dir("prepare_dataset").iterdir() if not p.name.startswith(".")] == [fixed.key]
+
+
+def test_max_samples_tokenizes_only_the_shards_it_needs(tiny_data_dir, tokenizer_artifact, layout, small_shards):
+    artifact = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=16, max_samples=2), tokenizer_artifact,
+                               layout)
+    assert counts(artifact.stats, "stdlib_docs")["documents"] == 2
+    assert sources_of(artifact, "stdlib_docs")["shards"] == artifact.stats["shards_built"] == 1
+
+
+def test_worker_processes_give_the_same_blocks(tiny_data_dir, tokenizer_artifact, layout, small_shards, monkeypatch):
+    from ptflow import shards
+
+    inline = prepare_dataset(data(tiny_data_dir, "stdlib_docs,three", cutoff_len=32), tokenizer_artifact, layout)
+    monkeypatch.setattr(shards, "INLINE_BYTES", 0)
+    pooled = prepare_dataset(data(tiny_data_dir, "stdlib_docs,three", cutoff_len=32, preprocessing_num_workers=2),
+                             tokenizer_artifact, type(layout)(layout.root.parent / "pool-store"))
+    assert pooled.stats["shards_built"] == inline.stats["shards_built"] > 2
+    assert pooled.digest == inline.digest

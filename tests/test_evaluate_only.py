@@ -89,3 +89,22 @@ def test_preflight_accepts_an_evaluate_only_run(make_config, tiny_weights_dir, t
 
     preflight(make_config(store=str(tmp_path / "store"), train={"do_train": False}, data={"val_size": 4},
                           model={"model_name_or_path": str(tiny_weights_dir), "train_from_scratch": False}))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluate_runs_on_the_gpu_when_there_is_one(tiny_weights_dir, held_out, layout):
+    """On a GPU worker the model is evaluated there (bf16 autocast) and agrees with the fp32 CPU loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ptflow.dataset import open_blocks
+    from ptflow.evaluate import eval_loss
+
+    model = existing_model(ModelSection(model_name_or_path=str(tiny_weights_dir)), layout)
+    result = evaluate(EvalSection(per_device_eval_batch_size=2), model, held_out, layout)
+    assert result.stats["device"] == "cuda"
+    blocks, lengths = open_blocks(held_out, "eval")
+    cpu_loss, count = eval_loss(AutoModelForCausalLM.from_pretrained(tiny_weights_dir, dtype=torch.float32), blocks,
+                                lengths, 2, "cpu")
+    assert count == result.stats["eval_tokens"]
+    assert result.stats["eval_loss"] == pytest.approx(cpu_loss, rel=2e-2)  # bf16 autocast vs fp32

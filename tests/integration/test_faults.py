@@ -1,0 +1,60 @@
+"""kill -9 of `ptflow run` at each stage, then a re-run: finished work is reused, nothing torn is loaded.
+
+The CLI runs against one real Prefect server (PostgreSQL) so each run starts in seconds.
+Kill points are `PTFLOW_KILL_AT` hooks (ptflow/faults.py) that SIGKILL the process there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, run_cli
+from ptflow.layout import MANIFEST
+from ptflow.store import check_files, read_manifest
+
+STAGES = ["load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card"]
+FAST = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",
+        "data.cutoff_len=128", "run_name=faults"]
+POINTS = {  # kill point -> (stage it interrupts, checkpoint the re-run must resume from)
+    "load_tokenizer:built": ("load_tokenizer", None),
+    "prepare_dataset:built": ("prepare_dataset", None),
+    "train:step-8": ("train", "checkpoint-5"),
+    "checkpoint:writing-10": ("train", "checkpoint-5"),
+    "evaluate:built": ("evaluate", None),
+    "plot_loss:built": ("plot_loss", None),
+    "write_model_card:built": ("write_model_card", None),
+}
+
+
+def finished(store: Path, stage: str) -> list[Path]:
+    folder = store / "cache" / stage
+    return [p for p in folder.iterdir() if (p / MANIFEST).exists()] if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_kill_then_rerun_redoes_only_the_interrupted_stage(point, prefect_server, tmp_path):
+    stage, resume_from = POINTS[point]
+    env = cli_env(tmp_path, PREFECT_API_URL=prefect_server, PTFLOW_SUMMARY_JSON=str(tmp_path / "summary.json"))
+    killed = run_cli({**env, "PTFLOW_KILL_AT": point}, "run", "configs/quickstart.yaml", *FAST, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    store = tmp_path / "store"
+    assert finished(store, stage) == []  # the interrupted write left no entry that could be taken for finished
+    before = {s: [p.name for p in finished(store, s)] for s in STAGES}
+
+    rerun = run_cli(env, "run", "configs/quickstart.yaml", *FAST, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = {row["stage"]: row for row in json.loads((tmp_path / "summary.json").read_text())["stages"]}
+    done_before = STAGES[:STAGES.index(stage)]
+    assert {s: rows[s]["cache"] for s in done_before} == {s: "hit" for s in done_before}
+    assert rows[stage]["cache"] == "miss"
+    for s in done_before:
+        assert [Path(rows[s]["path"]).name] == before[s]
+    train_stats = read_manifest(Path(rows["train"]["path"]))["stats"]
+    if resume_from:
+        assert train_stats["resumed_from"].endswith(resume_from)
+    for s in STAGES:  # every stored artifact is intact by its manifest's digests
+        for folder in finished(store, s):
+            assert check_files(folder, read_manifest(folder)) is None, folder

@@ -1,0 +1,67 @@
+"""A preparation killed mid-way (worker processes and all) resumes with only the unfinished shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tiny_assets import write_dataset_info
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import sys
+from ptflow.config import DataSection
+from ptflow.dataset import prepare_dataset
+from ptflow.layout import Layout
+from ptflow.store import Artifact, files_digest
+from pathlib import Path
+tok = Path(sys.argv[1])
+art = Artifact("load_tokenizer", "t", str(tok), files_digest(tok)[0])
+section = DataSection(dataset="big", dataset_dir=sys.argv[2], cutoff_len=64, preprocessing_num_workers=2)
+prepare_dataset(section, art, Layout(sys.argv[3]))
+"""
+
+
+def test_killed_preparation_resumes(tmp_path, tiny_model_dir):
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "return", "value", "(x)", "\n", "  ", "def", "class", "42"]
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "big.jsonl", "w") as f:
+        for _ in range(12_000):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(50, 400)))}) + "\n")
+    write_dataset_info(data, {"big": {"file_name": "big.jsonl"}})
+    store = tmp_path / "store"
+    shards = store / "cache" / "tokenize"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(data), str(store)], env=env,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in shards.glob("*") if p.is_dir() and not p.name.startswith(".")] if shards.is_dir() else []
+        if len(done) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "preparation finished before it could be interrupted; make the corpus bigger"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: parent and worker processes
+    proc.wait()
+    finished = len([p for p in shards.glob("*") if p.is_dir() and not p.name.startswith(".")])
+
+    from ptflow.config import DataSection
+    from ptflow.dataset import prepare_dataset
+    from ptflow.layout import Layout
+    from ptflow.store import Artifact, files_digest
+
+    tok = Artifact("load_tokenizer", "t", str(tiny_model_dir), files_digest(tiny_model_dir)[0])
+    resumed = prepare_dataset(DataSection(dataset="big", dataset_dir=str(data), cutoff_len=64,
+                                          preprocessing_num_workers=2), tok, Layout(store))
+    assert resumed.stats["shards_reused"] == finished >= 3
+    assert resumed.stats["shards_built"] >= 1
+    assert "resumed" in resumed.stats["sources"]["big"]["cache"]

@@ -28,7 +28,7 @@ import torch
 from ptflow import checkpoint as ckpt
 from ptflow import faults
 from ptflow.config import ModelSection, TrainSection
-from ptflow.dataset import open_blocks
+from ptflow.dataset import open_blocks, open_doc_starts
 from ptflow.errors import DataError, TrainingError
 from ptflow.evaluate import batch_tensors, eval_loss, perplexity
 from ptflow.layout import Layout
@@ -43,7 +43,7 @@ log = logging.getLogger("ptflow.train")
 
 STAGE = "train"
 CODE_MODULES = ("ptflow.train", "ptflow.model", "ptflow.checkpoint", "ptflow.evaluate", "ptflow.kernels",
-                "ptflow.launch")
+                "ptflow.launch", "ptflow.packing")
 LogCallback = Callable[[dict], None]
 
 
@@ -172,12 +172,16 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.bf16 and not train.pure_bf16)
     params = [p for p in net.parameters() if p.requires_grad]
 
+    doc_starts = open_doc_starts(dataset, "train")
+
     def fetch(step: int) -> list[tuple]:
         indices = order.step_indices(step)
         batches = []
         for i in range(accum):
-            ids, labels, mask = batch_tensors(blocks, lengths, indices[(i * world + rank) * mb: (i * world + rank + 1) * mb])
-            batches.append(tuple(None if t is None else _to_device(t, device) for t in (ids, labels, mask)))
+            rows = indices[(i * world + rank) * mb: (i * world + rank + 1) * mb]
+            ids, labels, mask = batch_tensors(blocks, lengths, rows)
+            positions = None if doc_starts is None else document_positions(doc_starts, rows, seq_len)
+            batches.append(tuple(None if t is None else _to_device(t, device) for t in (ids, labels, mask, positions)))
         return batches
 
     from concurrent.futures import ThreadPoolExecutor
@@ -197,10 +201,10 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
             pending = prefetch.submit(fetch, step + 1) if step + 1 < total_steps else None
             window.wait_s += time.perf_counter() - wait_start
             step_loss = torch.zeros((), device=device)
-            for i, (ids, labels, mask) in enumerate(batches):
+            for i, (ids, labels, mask, positions) in enumerate(batches):
                 with accelerator.no_sync(net) if i < accum - 1 and world > 1 else nullcontext(), autocast, \
                         attention_backend(train):
-                    loss = net(input_ids=ids, labels=labels, attention_mask=mask).loss / accum
+                    loss = net(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions).loss / accum
                 accelerator.backward(loss)
                 step_loss += loss.detach().float()
             if train.max_grad_norm > 0:
@@ -323,6 +327,17 @@ class _Window:
         losses, norms = self.check_finite(folder)
         return {"loss_sum": sum(losses), "steps": len(losses), "grad_norm": norms[-1],
                 "elapsed_s": time.perf_counter() - self.opened, "wait_s": self.wait_s}
+
+
+def document_positions(doc_starts, rows, seq_len: int) -> torch.Tensor:
+    """Position ids restarting at every document start (data.doc_mask).
+
+    transformers reads restarting position ids as packed sequences and masks attention across
+    them (block-diagonal causal mask), so no token attends to another document.
+    """
+    from ptflow.packing import segments
+
+    return torch.from_numpy(np.stack([segments(doc_starts[int(r)], seq_len)[1] for r in rows]).astype(np.int64))
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -394,7 +394,7 @@ def ptflow(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_cli_validate_and_convert_lf(tmp_path, tiny_model_dir, tiny_data_dir):
+def test_cli_validate_prints_what_each_key_became(tmp_path, tiny_model_dir, tiny_data_dir):
     path = write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, template="default", max_steps=3))
     result = ptflow("validate", str(path), "learning_rate=1e-3")
     assert result.returncode == 0, result.stderr
@@ -404,12 +404,20 @@ def test_cli_validate_and_convert_lf(tmp_path, tiny_model_dir, tiny_data_dir):
     assert "  warning  template (line 14): ignored: pt trains on raw text" in result.stdout
     assert f"{path}: OK (stdlib_docs -> {tiny_model_dir}" in result.stdout
     assert "Traceback" not in result.stderr and "template" not in result.stderr  # printed once, not logged again
+
+
+def test_cli_convert_lf(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    from ptflow.cli import main
+
+    path = write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, max_steps=3))
     out = tmp_path / "converted.yaml"
-    result = ptflow("convert-lf", str(path), "-o", str(out))
-    assert result.returncode == 0, result.stderr
+    assert main(["convert-lf", str(path), "-o", str(out)]) == 0
+    assert f"ptflow: wrote {out}" in capsys.readouterr().err
     assert load_config(out).train.max_steps == 3
-    result = ptflow("convert-lf", str(path), "-o", str(path))
-    assert result.returncode == 2 and "-o names the LLaMA-Factory file itself" in result.stderr
+    assert main(["convert-lf", str(path)]) == 0
+    assert capsys.readouterr().out.endswith(out.read_text())  # the notes, then the YAML
+    assert main(["convert-lf", str(path), "-o", str(path)]) == 2
+    assert "-o names the LLaMA-Factory file itself" in capsys.readouterr().err
 
 
 # -- end to end on tiny data ----------------------------------------------------------------------------------------

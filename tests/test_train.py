@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -335,3 +337,32 @@ def test_lora_merged_model_matches_the_adapter_model(tiny_weights_dir, tokenizer
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
     assert (artifact.dir / "merged" / "tokenizer.json").exists()
+
+
+def test_doc_mask_restarts_positions_and_blocks_attention_across_documents(scratch, tokenizer_artifact,
+                                                                          repeated_data_dir, layout):
+    from transformers import AutoModelForCausalLM
+
+    from ptflow.dataset import open_blocks, open_doc_starts
+    from ptflow.train import document_positions
+
+    data = prepare_dataset(DataSection(dataset="rep", dataset_dir=str(repeated_data_dir), cutoff_len=16,
+                                       doc_mask=True), tokenizer_artifact, layout)
+    blocks, _ = open_blocks(data, "train")
+    starts = open_doc_starts(data, "train")
+    row = next(i for i in range(len(blocks)) if len(starts[i]) > 1)  # a block holding a document boundary
+    positions = document_positions(starts, [row], 16)[0]
+    bounds = [*map(int, starts[row]), 16]
+    first, second, third = bounds[0], bounds[1], bounds[2]
+    assert positions[second] == 0 and positions[second - 1] == second - first - 1
+    assert positions[second:third].tolist() == list(range(third - second))
+    artifact = train(scratch, settings(max_steps=2), tokenizer_artifact, data, layout)
+    assert all(math.isfinite(r["loss"]) for r in read_log(Path(artifact.dir)) if "loss" in r)
+    net = AutoModelForCausalLM.from_pretrained(str(artifact.dir)).eval()
+    ids = torch.from_numpy(np.asarray(blocks[row], dtype=np.int64))[None]
+    with torch.no_grad():
+        packed = net(input_ids=ids, position_ids=positions[None]).logits[0, second:third]
+        alone = net(input_ids=ids[:, second:third]).logits[0]
+        leaky = net(input_ids=ids).logits[0, second:third]
+    assert torch.allclose(packed, alone, atol=1e-5)  # the second document does not see the first
+    assert not torch.allclose(leaky, alone, atol=1e-3)  # without doc_mask it would

@@ -1,7 +1,7 @@
 """Data preparation throughput: ptflow's prepare_dataset vs LLaMA-Factory's pt preprocessing, same corpus and cores.
 
     python bench/prepare_bench.py --assets /tmp/anchors                  # corpus + tokenizer from build_assets.py
-    python bench/prepare_bench.py --build /tmp/prep-assets               # build them here first (stdlib, ~15 s)
+    python bench/prepare_bench.py --build /tmp/prep-assets               # build them here first (stdlib, ~30 s)
     python bench/prepare_bench.py --assets /tmp/anchors --repeats 3 --json results.json
 
 Every measurement runs in a fresh Python process, one after the other (never concurrently), in
@@ -15,7 +15,7 @@ alternating order over --repeats rounds, so the two sides see the same machine s
                 output columns) -> batched map (batch 1000) of its PretrainDatasetProcessor:
                 text + eos_token, tokenizer(..., add_special_tokens=False), concatenate the batch,
                 cut into cutoff_len blocks (the batch's remainder is dropped), num_proc processes.
-                "lf map" is the tokenize+pack map alone. A fresh datasets cache per run.
+                "lf map only" is the tokenize+pack map alone. A fresh datasets cache per run.
 
 The ratio is LF seconds / ptflow seconds (the same corpus in, blocks out); "vs lf (CPU)" compares
 CPU seconds of each run's whole process tree, which stays meaningful on a machine shared with
@@ -24,8 +24,8 @@ own packed tokens per second (LF packs fewer: it drops each batch's remainder). 
 machine's cores: --workers (default: all) is ptflow's preprocessing_num_workers and LF's
 preprocessing_num_workers (num_proc).
 
-Needs numpy, tokenizers, transformers, datasets (only for the LF side) and pyarrow; ptflow itself is
-imported from this checkout (its config needs pydantic; without it a stand-in section is used).
+Needs numpy, tokenizers, transformers (with its regex), pyarrow, and datasets for the LF side; ptflow
+is imported from this checkout (its config needs pydantic; without it a stand-in section is used).
 No torch, no Prefect, no GPU.
 """
 

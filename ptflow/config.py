@@ -361,8 +361,8 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _cross_section(self) -> "RunConfig":
         problems = []
-        if self.data.val_size == 0 and self.train.eval_steps:
-            problems.append("train.eval_steps needs held-out data: set data.val_size (e.g. 0.05)")
+        if self.data.val_size == 0 and not self.data.eval_dataset and self.train.eval_steps:
+            problems.append("train.eval_steps needs held-out data: set data.val_size (e.g. 0.05) or data.eval_dataset")
         if self.model.train_from_scratch and self.train.finetuning_type != "full":
             problems.append(f"train.finetuning_type: {self.train.finetuning_type!r} on random weights "
                             "(model.train_from_scratch: true) trains a frozen random model; use full")

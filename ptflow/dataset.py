@@ -111,7 +111,7 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
                                   workers=section.preprocessing_num_workers or default_workers(),
                                   batch_size=section.preprocessing_batch_size, doc_limits=limits)
         dtype = token_dtype(len(tok))
-        train = _assemble(train_sources, shards, section, seed, dtype)
+        train = _assemble(train_sources, shards, section, seed, dtype, section.mix_strategy)
         stats: dict = {"cutoff_len": section.cutoff_len, "packing": section.packing, "doc_mask": section.doc_mask,
                        "mix_strategy": section.mix_strategy, "dtype": dtype.name,
                        "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
@@ -120,7 +120,7 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
             raise DataError(f"data.dataset: {train.total} tokens make no block of cutoff_len={section.cutoff_len}; "
                             "add data or lower data.cutoff_len")
         if eval_sources:
-            held = _assemble(eval_sources, shards, section, seed, dtype)
+            held = _assemble(eval_sources, shards, section, seed, dtype, "concat")  # eval data: in order
             eval_rows = _rows(held, section, tok.pad_token_id)
             if not len(eval_rows.blocks):
                 raise DataError(f"data.eval_dataset: {held.total} tokens make no block of cutoff_len="
@@ -168,22 +168,23 @@ class Assembled:
 
 
 def _assemble(sources: list[Source], shards: dict[str, SourceShards], section: "DataSection", seed: int,
-              dtype: np.dtype) -> Assembled:
+              dtype: np.dtype, strategy: str) -> Assembled:
+    """Select and mix documents by index, then gather their tokens into one stream."""
     tokens, starts, lengths, selections = [], [], [], []
     offset = 0
     for source in sources:
         arrays = [open_shard(r.path) for r in shards[source.name].shards]
         ends = _chain_ends([e for _, e in arrays], [len(t) for t, _ in arrays])
-        doc_starts_ = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        doc_starts_ = np.concatenate([[0], ends[:-1]]).astype(np.int64)[: len(ends)]
         tokens.append(np.concatenate([t for t, _ in arrays]) if arrays else np.zeros(0, dtype))
         starts.append(doc_starts_ + offset)
         lengths.append(ends - doc_starts_)
         selections.append(select(len(ends), source.name, source.num_samples, section.max_samples, seed))
         offset += len(tokens[-1])
-    identity = section.mix_strategy == "concat" and all(
+    strategy = strategy if len(sources) > 1 else "concat"
+    identity = strategy == "concat" and all(
         len(sel) == len(ln) and (sel == np.arange(len(ln))).all() for sel, ln in zip(selections, lengths))
-    source_of, doc = mix(selections, section.mix_strategy if len(sources) > 1 else "concat",
-                         section.interleave_probs, seed)
+    source_of, doc = mix(selections, strategy, section.interleave_probs if strategy != "concat" else None, seed)
     per_source = {}
     for s, source in enumerate(sources):
         mine = lengths[s][doc[source_of == s]]

@@ -48,10 +48,12 @@ class Rule:
     action: str  # "mapped" | "ignored" | "rejected"
     group: str
     why: str
-    quiet: tuple = ()  # values that need no warning (ignored) or are accepted (rejected): LF's default or ptflow's behaviour
+    # values that need no warning (ignored) or are accepted (rejected): LF's default, or what ptflow does anyway
+    quiet: tuple = ()
     example: Any = None  # a value the rule acts on (tests, docs); derived from `quiet` when None
     to: tuple[str, ...] = ()  # mapped: the ptflow keys it writes
-    apply: Callable[[Any], tuple[dict[str, Any], str | None]] | None = None  # mapped: value -> ({ptflow key: value}, warning)
+    # mapped: value -> ({ptflow key: value}, warning or None); raises Unsupported for a value it cannot map
+    apply: Callable[[Any], tuple[dict[str, Any], str | None]] | None = None
 
     def trigger(self) -> Any:
         """A value that makes the rule act (warn, reject or map)."""
@@ -114,9 +116,9 @@ def _eval_strategy(value: Any) -> tuple[dict, str | None]:
 
 
 RULES: dict[str, Rule] = {
-    # mapped onto a differently named ptflow key
     "stage": Rule("rejected", "finetuning", "ptflow runs only the pt stage (pretraining and continued pretraining); "
                   "run sft/rm/ppo/dpo/kto with LLaMA-Factory", quiet=("pt",), example="sft"),
+    # mapped onto a differently named ptflow key
     "flash_attn": Rule("mapped", "model", "auto/sdpa -> sdpa, disabled -> eager; fa2/fa3 -> sdpa with a warning "
                        "(the flash-attn package is not used)", quiet=("auto",), example="fa2",
                        to=("model.attn_implementation",), apply=_flash_attn),
@@ -207,7 +209,8 @@ RULES: dict[str, Rule] = {
                "results do not depend on it", use_unsloth=False, use_unsloth_gc=False, low_cpu_mem_usage=True,
                use_v1_kernels=False),
     **_ignored("model", "ptflow always uses non-reentrant activation checkpointing", use_reentrant_gc=False),
-    **_ignored("model", "weights stay fp32 under bf16 autocast, and the loss is computed in fp32 already",
+    **_ignored("model", "bf16 autocast keeps fp32 weights (norms included), and transformers computes the loss in "
+               "fp32",
                upcast_layernorm=False, upcast_lmhead_output=False),
     **_ignored("model", "only with quantization_bit, which is not supported",
                quantization_method="bnb", quantization_type="nf4", double_quantization=True,
@@ -216,8 +219,9 @@ RULES: dict[str, Rule] = {
                fp8_enable_fsdp_float8_all_gather=False),
     **_ignored("model", "only when adding tokens, which is not supported", init_special_tokens="noise_init"),
     **_ignored("model", "ptflow logs the trainable and total parameter counts", print_param_status=False),
-    **_ignored("model", "inference settings (llamafactory-cli chat/api), unused by training", infer_backend="huggingface",
-               infer_dtype="auto", use_kv_cache=True, offload_folder="offload", use_kt=False),
+    **_ignored("model", "inference settings (llamafactory-cli chat/api), unused by training",
+               infer_backend="huggingface", infer_dtype="auto", use_kv_cache=True, offload_folder="offload",
+               use_kt=False),
     **_ignored("finetuning", "used only by other stages (rm/ppo/dpo/kto)", ref_model=None, ref_model_adapters=None,
                ref_model_quantization_bit=None, reward_model=None, reward_model_adapters=None,
                reward_model_quantization_bit=None, reward_model_type="lora", ld_alpha=None, simpo_gamma=0.5),
@@ -251,7 +255,8 @@ RULES: dict[str, Rule] = {
                data_seed=None, ignore_data_skip=False, full_determinism=False),
     **_ignored("training", "the device is chosen automatically (every visible GPU, else CPU); "
                "CUDA_VISIBLE_DEVICES selects GPUs", use_cpu=False, no_cuda=False),
-    **_ignored("training", "set by ptflow itself: bf16 autocast on GPU, TF32 matmuls where PyTorch allows them",
+    **_ignored("training", "precision is train.bf16 / train.pure_bf16 (evaluation follows it); TF32 stays at PyTorch's "
+               "default",
                tf32=None, bf16_full_eval=False, fp16_full_eval=False, half_precision_backend="auto"),
     **_ignored("training", "ptflow compiles with the inductor backend (train.compile_scope chooses what)",
                torch_compile_backend=None, torch_compile_mode=None),
@@ -406,7 +411,7 @@ class Conversion:
     raw: dict
     notes: list[Note] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    origin: dict[str, str] = field(default_factory=dict)  # ptflow key -> the LF key (or "default") it came from
+    origin: dict[str, str] = field(default_factory=dict)  # ptflow key -> the LF key it came from
     lines: dict[str, int] = field(default_factory=dict)  # LF key -> line in the file
     defaulted: dict[str, str] = field(default_factory=dict)  # ptflow key set for an absent LF key -> why
 
@@ -474,12 +479,6 @@ class _Builder:
         self.out.origin[target] = source
         section, _, name = target.rpartition(".")
         (self.out.raw.setdefault(section, {}) if section else self.out.raw)[name] = value
-
-    def drop(self, target: str) -> None:
-        self.values.pop(target, None)
-        self.out.origin.pop(target, None)
-        section, _, name = target.rpartition(".")
-        (self.out.raw.get(section, {}) if section else self.out.raw).pop(name, None)
 
 
 def convert(flat: dict, root: yaml.Node | None = None) -> Conversion:
@@ -559,6 +558,12 @@ def _evaluation(b: _Builder, flat: dict) -> None:
     """eval_strategy / eval_steps / do_eval as transformers reads them."""
     key = "eval_strategy" if "eval_strategy" in flat else "evaluation_strategy"
     strategy = flat.get(key, "no")
+    if "evaluation_strategy" in flat and flat.get("evaluation_strategy") != strategy:
+        b.problem("evaluation_strategy", f"is {flat['evaluation_strategy']!r} but eval_strategy is {strategy!r}; "
+                  "keep eval_strategy (evaluation_strategy is its transformers 4.x name)")
+    if flat.get("do_eval") is True and not flat.get("val_size") and not flat.get("eval_dataset"):
+        b.problem("do_eval", "true needs held-out data: set val_size (e.g. 0.05) or eval_dataset (LLaMA-Factory "
+                  "refuses it too)")
     if strategy not in EVAL_STRATEGIES:
         return  # reported by the rule
     if strategy == "steps":
@@ -761,7 +766,7 @@ def _show(value: Any) -> str:
 
 
 def reference_table() -> str:
-    """Markdown: one row per LLaMA-Factory key, grouped by its argument class."""
+    """Markdown: one row per LLaMA-Factory key, grouped by its argument class; then ptflow's own keys."""
     rows = ["| LLaMA-Factory key | group | status | ptflow | notes |", "|---|---|---|---|---|"]
     keys = known_keys()
     for group in GROUPS:
@@ -769,6 +774,10 @@ def reference_table() -> str:
             state, target, why = status(key)
             cell = why.replace("|", "\\|")
             rows.append(f"| `{key}` | {group} | {state} | {f'`{target}`' if target else ''} | {cell} |")
+    names = owners()
+    extra = sorted(set(names) - set(keys))
+    rows += ["", "ptflow's own keys (no LLaMA-Factory counterpart), accepted flat in a LLaMA-Factory file too: "
+             + ", ".join(f"`{k}` (`{names[k]}`)" if names[k] != k else f"`{k}`" for k in extra) + "."]
     return "\n".join(rows)
 
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ptflow.config import ModelSection
 from ptflow.errors import ModelError
 from ptflow.layout import Layout
 from ptflow.store import Artifact, build_or_reuse, code_version, sha256_file
+
+if TYPE_CHECKING:  # only annotations: open_tokenizer works without pydantic (bench/prepare_bench.py)
+    from ptflow.config import ModelSection
 
 log = logging.getLogger("ptflow.tokenizer")
 

@@ -347,6 +347,16 @@ def test_eval_dataset_packs_its_own_blocks(tiny_data_dir, tokenizer_artifact, to
     assert counts(artifact.stats, "notes (eval)")["documents"] == 3
 
 
+def test_several_eval_datasets_are_concatenated_whatever_the_training_mix(tiny_data_dir, tokenizer_artifact, tok,
+                                                                         layout):
+    notes = [line for line in (ASSETS / "notes.txt").read_text().splitlines() if line.strip()]
+    artifact = prepare_dataset(data(tiny_data_dir, "three,stdlib_docs", cutoff_len=4, eval_dataset="notes,three",
+                                    mix_strategy="interleave_under", interleave_probs="0.3,0.7"),
+                               tokenizer_artifact, layout)
+    expected = stream_of(tok, notes + THREE)
+    assert open_blocks(artifact, "eval")[0].ravel().tolist() == expected[: len(expected) // 4 * 4]
+
+
 def test_interleave_mixes_documents_in_datasets_order(tiny_data_dir, tokenizer_artifact, tok, layout):
     notes = [line for line in (ASSETS / "notes.txt").read_text().splitlines() if line.strip()]
     under = prepare_dataset(data(tiny_data_dir, "three,notes", cutoff_len=2, mix_strategy="interleave_under"),

@@ -93,3 +93,16 @@ def test_unsupported_shapes_are_left_to_rust():
         pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False)]))
     assert WordEncoder.for_tokenizer(split_prefix) is None
+
+
+def test_a_fast_path_that_differs_is_switched_off(caplog):
+    from ptflow.shards import Encoder
+
+    tok = Tokenizer.from_file(str(QUICKSTART / "model" / "tokenizer.json"))
+    encoder = Encoder(tok)
+    assert encoder.fast is not None
+    encoder.fast.cache["hello"] = [7, 7, 7]  # corrupt the piece cache: the fast path is now wrong
+    texts = ["hello world", "say hello"]
+    encoder.check(texts, "a shard")
+    assert encoder.fast is None and "differs from the tokenizer on a shard" in caplog.text
+    assert encoder(texts) == exact(tok, texts)

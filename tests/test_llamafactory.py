@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -365,8 +366,8 @@ def test_streaming_true_gets_the_clear_error(tmp_path, tiny_model_dir, tiny_data
 # -- convert-lf ------------------------------------------------------------------------------------------------
 
 def test_converted_yaml_loads_to_the_same_run_config(tmp_path, tiny_weights_dir, tiny_data_dir):
-    lf_path = write(tmp_path, textwrap.dedent(LORA_PRETRAIN.format(model=tiny_weights_dir, data=tiny_data_dir, out="out"))
-                    + "flash_attn: fa2\ndisable_gradient_checkpointing: true\n")
+    text = textwrap.dedent(LORA_PRETRAIN.format(model=tiny_weights_dir, data=tiny_data_dir, out="out"))
+    lf_path = write(tmp_path, text + "flash_attn: fa2\ndisable_gradient_checkpointing: true\n")
     text, _ = lf.convert_file(str(lf_path))
     pt_path = write(tmp_path, text, "pt.yaml")
     assert not lf.is_llamafactory(yaml.safe_load(text))
@@ -579,12 +580,31 @@ def test_doc_table_lists_every_known_key_with_its_status():
     doc = (ROOT / "docs" / "llamafactory.md").read_text()
     rows = {}
     for line in doc.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if len(cells) == 5 and cells[0].startswith("`") and cells[1] in lf.GROUPS:
             rows[cells[0].strip("`")] = cells[2]
     known = lf.known_keys()
-    assert sorted(set(known) - set(rows)) == [], "regenerate docs/llamafactory.md: ptflow config-reference --llamafactory"
+    regenerate = "regenerate docs/llamafactory.md's table: ptflow config-reference --llamafactory"
+    assert sorted(set(known) - set(rows)) == [], regenerate
     assert sorted(set(rows) - set(known)) == [], "docs/llamafactory.md lists keys the mapping does not know"
     wrong = {k: (rows[k], lf.status(k)[0]) for k in known if rows[k] != lf.status(k)[0]}
     assert not wrong, f"stale status in docs/llamafactory.md: {wrong}"
-    assert lf.reference_table() in doc, "regenerate docs/llamafactory.md: ptflow config-reference --llamafactory"
+    assert lf.reference_table() in doc, regenerate
+
+
+def test_the_llamafactory_example_config_is_the_quickstart():
+    lf_example = load_config(ROOT / "configs" / "llamafactory_pt.yaml")
+    assert lf_example.model_dump() == load_config(ROOT / "configs" / "quickstart.yaml").model_dump()
+
+
+def test_do_eval_without_held_out_data_is_refused(tmp_path, tiny_model_dir, tiny_data_dir):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, do_eval=True)))
+    assert info.value.problems == ["do_eval (line 14): true needs held-out data: set val_size (e.g. 0.05) or "
+                                   "eval_dataset (LLaMA-Factory refuses it too)"]
+
+
+def test_eval_dataset_with_eval_strategy_steps(tmp_path, tiny_model_dir, tiny_data_dir):
+    cfg = load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, eval_dataset="three",
+                                              eval_strategy="steps", eval_steps=2)))
+    assert (cfg.data.eval_dataset, cfg.train.eval_steps, cfg.eval.do_eval) == (["three"], 2, True)

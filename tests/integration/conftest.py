@@ -10,6 +10,8 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,10 +52,16 @@ def psql(sql: str) -> None:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on a fresh PostgreSQL database; yields the API URL."""
+    with prefect_server_on_postgres(tmp_path_factory.mktemp("prefect-server")) as url:
+        yield url
+
+
+@contextmanager
+def prefect_server_on_postgres(home: Path) -> Iterator[str]:
+    """A server of one's own (a test module that must not see other modules' runs); yields the API URL."""
     db = f"ptflow_it_{uuid.uuid4().hex[:8]}"
     psql(f"CREATE DATABASE {db}")
     port = free_port()
-    home = tmp_path_factory.mktemp("prefect-server")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_API_PORT=str(port),
                PREFECT_SERVER_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://{PG_URL.split('://', 1)[1]}/{db}")
@@ -62,24 +70,25 @@ def prefect_server(tmp_path_factory):
                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
     try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
         try:
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=20)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, prefect_server_on_postgres
 
 QUICKSTART_CORPUS = ROOT / "configs" / "quickstart" / "data" / "corpus.jsonl"
 SMALL = ["train.max_steps=20", "train.save_steps=10", "train.eval_steps=10", "train.logging_steps=5"]
@@ -73,8 +73,13 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(prefect_server, tmp_path_factory):
-    stack = Stack(prefect_server, tmp_path_factory.mktemp("stack"))
+def stack(tmp_path_factory):
+    with prefect_server_on_postgres(tmp_path_factory.mktemp("server")) as api_url:  # runs of its own
+        yield from start_stack(api_url, tmp_path_factory.mktemp("stack"))
+
+
+def start_stack(api_url: str, root: Path):
+    stack = Stack(api_url, root)
     deploy = subprocess.run([sys.executable, "-m", "ptflow.cli", "deploy"], cwd=ROOT, env=stack.env("deploy"),
                             capture_output=True, text=True, timeout=300)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
@@ -216,7 +221,7 @@ def test_new_shard_continues_from_the_lineage_model(stack, failed_then_rerun):
     stack.start_worker("gpu")  # the fault was transient: a fresh gpu worker
     lines = QUICKSTART_CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
     (stack.data / "shards" / "002.jsonl").write_text("".join(lines[1800:]), encoding="utf-8")
-    nightly = run_nightly(stack)
+    nightly = run_nightly(stack, ["train.max_steps=10"])
     assert nightly.state.type.value == "COMPLETED", f"{nightly.state.message}\n{stack.logs()}"
     tasks = task_runs(stack, nightly)
     assert {"load_tokenizer [hit]", "prepare_dataset [miss]"} <= set(tasks)

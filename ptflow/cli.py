@@ -119,13 +119,13 @@ def run(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def print_llamafactory_notes(config: str, overrides: list[str]) -> None:
+def print_llamafactory_notes(config: str, overrides: list[str], file=None) -> None:
     """A LLaMA-Factory file: say what each key became, which defaults were applied, what is ignored."""
     from ptflow.llamafactory import explain_file
 
     notes = explain_file(config, overrides)
     if notes:
-        print(notes, flush=True)
+        print(notes, file=file or sys.stdout, flush=True)
 
 
 def convert_lf(config: str, output: str | None) -> int:
@@ -134,7 +134,7 @@ def convert_lf(config: str, output: str | None) -> int:
     from ptflow.errors import ConfigError
     from ptflow.llamafactory import convert_file
 
-    print_llamafactory_notes(config, [])
+    print_llamafactory_notes(config, [], file=sys.stderr)  # stdout may be the YAML itself
     text, _ = convert_file(config)
     if not output:
         print(text, end="")

@@ -184,7 +184,7 @@ RULES: dict[str, Rule] = {
                 "adamw_torch_fused and adamw_hf are accepted, other optimizers are not",
                 optim=("adamw_torch", "adamw_torch_fused", "adamw_hf")),
     **_rejected("training", "optimizer and scheduler arguments are fixed: warmup_stable_decay decays over the last "
-                "10% of steps, cosine_with_min_lr ends at 0.1 x learning_rate", lr_scheduler_kwargs=(None, {}),
+                "10% of steps, cosine_with_min_lr ends at 0.1 x learning_rate", lr_scheduler_kwargs=(None, {}, {"min_lr_rate": 0.1}),
                 optim_args=None, adafactor=False),
     **_rejected("training", "the final model is the last step's: load_best_model_at_end is not supported",
                 load_best_model_at_end=False),

@@ -62,6 +62,14 @@ METRICS = ("parameters", "trainable_parameters", "total_steps", "resumed_from", 
 def report_metrics(model: Artifact, evaluation: Artifact | None) -> list[dict]:
     """A table of the run's numbers in the UI: training summary and, when evaluated, eval_loss and perplexity."""
     stats = {**{k: model.stats.get(k) for k in METRICS}, **(evaluation.stats if evaluation else {})}
-    rows = [{"metric": k, "value": v} for k, v in stats.items() if isinstance(v, (int, float, str)) and v != ""]
+    rows = [{"metric": k, "value": _json_safe(v)} for k, v in stats.items()
+            if isinstance(v, (int, float, str)) and v != ""]
     create_table_artifact(rows, key="metrics", description="Training and evaluation metrics of this run")
     return rows
+
+
+def _json_safe(value):
+    """inf/nan as text: the UI cannot parse a table whose JSON holds Infinity (Prefect cleans only NaN)."""
+    import math
+
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value

@@ -38,8 +38,13 @@ def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset
 
 
 def progress_line(record: dict) -> str:
-    return (f"step {record['current_steps']}/{record['total_steps']}, loss {record['loss']:.4f}, "
-            f"{record['tokens_per_s_per_device']:,.0f} tok/s/device, ETA {record['remaining_time']}")
+    """One line for the UI; evaluation-only records carry eval_loss but no training numbers."""
+    parts = [f"step {record['current_steps']}/{record['total_steps']}"]
+    for key, form in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"),
+                      ("tokens_per_s_per_device", "{:,.0f} tok/s/device"), ("remaining_time", "ETA {}")):
+        if record.get(key) is not None:
+            parts.append(form.format(record[key]))
+    return ", ".join(parts)
 
 
 @task(name="evaluate", cache_key_fn=content_key(evaluation), **STAGE_OPTIONS)

@@ -416,7 +416,9 @@ def test_cli_convert_lf(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
     assert f"ptflow: wrote {out}" in capsys.readouterr().err
     assert load_config(out).train.max_steps == 3
     assert main(["convert-lf", str(path)]) == 0
-    assert capsys.readouterr().out.endswith(out.read_text())  # the notes, then the YAML
+    printed = capsys.readouterr()
+    assert printed.out == out.read_text()  # `ptflow convert-lf lf.yaml > run.yaml` works
+    assert "  mapped   cutoff_len (line 13): -> data.cutoff_len" in printed.err
     assert main(["convert-lf", str(path), "-o", str(path)]) == 2
     assert "-o names the LLaMA-Factory file itself" in capsys.readouterr().err
 

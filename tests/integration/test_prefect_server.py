@@ -15,7 +15,8 @@ async def read_run(api_url: str):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
     async with PrefectClient(api_url) as client:
-        runs = await client.read_flow_runs()
+        # The server is shared by the session's integration tests: take the runs of this test's run_name.
+        runs = [r for r in await client.read_flow_runs() if "run_name=server-it" in (r.parameters.get("overrides") or [])]
         assert len(runs) == 1
         run = runs[0]
         tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))

@@ -47,6 +47,7 @@ def public_config(config: RunConfig) -> dict:
     data.pop("store", None)
     data["output"].pop("output_dir", None)
     data["output"].pop("hub_token", None)  # not even "<redacted>": whether and where a token was set is nobody's business
+    data.pop("orchestration", None)  # where and how a run was scheduled does not change the model
     return data
 
 

@@ -93,6 +93,8 @@ def validate(config: str, overrides: list[str]) -> int:
 def run(config: str, overrides: list[str]) -> int:
     for key, value in QUIET_PREFECT.items():
         os.environ.setdefault(key, value)
+    if os.environ.get("PREFECT_HOME"):  # Prefect's embedded server cannot create its SQLite file's folder
+        os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
     from ptflow.config import load_config
     from ptflow.preflight import preflight
 

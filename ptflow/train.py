@@ -133,7 +133,10 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     if train.pure_bf16:
         net.to(torch.bfloat16)
     if train.gradient_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_total, n_trainable = count_parameters(net)
     speedups = apply_speedups(net, train)
     optimizer = torch.optim.AdamW(_param_groups(net, train.weight_decay), lr=train.learning_rate,

@@ -72,7 +72,7 @@ def test_second_run_reuses_every_stage_quickly(first_run, store):
     _, first_s = first_run
     summary, second_s = run_flow(store)
     assert verdicts(summary) == {stage: "hit" for stage in STAGES}
-    assert second_s < first_s / 3
+    assert second_s < first_s / 2
     # The third run finds Prefect's own cache records (written by the second run).
     summary, _ = run_flow(store)
     assert all(row["reason"].startswith("Prefect cache") for row in summary["stages"])

@@ -68,8 +68,9 @@ def _relay(log_path: Path, already: int, on_log: Callable[[dict], None] | None) 
     """Pass trainer_log.jsonl records written since the last call to `on_log`; returns the count seen."""
     if on_log is None or not log_path.exists():
         return already
-    lines = log_path.read_text().splitlines()
-    complete = lines if log_path.read_text().endswith("\n") else lines[:-1]
+    text = log_path.read_text()
+    lines = text.splitlines()
+    complete = lines if text.endswith("\n") else lines[:-1]  # a line still being written waits for the next call
     for line in complete[already:]:
         on_log(json.loads(line))
     return max(already, len(complete))

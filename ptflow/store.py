@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +287,3 @@ def build_or_reuse(
                 shutil.rmtree(work, ignore_errors=True)
             raise
     return _artifact(final, manifest, hit=False, reason=reason)
-
-
-def manifest_summary(artifact: Artifact) -> dict[str, Any]:
-    return {k: v for k, v in asdict(artifact).items() if k != "stats"}

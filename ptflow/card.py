@@ -133,17 +133,25 @@ def render_card(config, tokenizer, dataset, model, evaluation, plots, provenance
              "## Training data", "", "| dataset | documents | tokens | mean tokens/doc | share of tokens |",
              "|---|---|---|---|---|"]
     held_out = {name for name in sources if name.endswith(" (eval)")}  # eval_dataset sources: not in the mix
-    total_tokens = sum(s["tokens"] for name, s in sources.items() if name not in held_out) or 1
-    lines += [f"| {name} | {s['documents']:,} | {s['tokens']:,} | {s['mean_doc_tokens']} | "
+    streamed = {name for name, s in sources.items() if s.get("cache") == "streamed"}  # counts unknown up front
+    total_tokens = sum(s["tokens"] for name, s in sources.items() if name not in held_out | streamed) or 1
+    lines += [f"| {name} | streamed | {s['bytes'] / 2**20:,.1f} MiB of files | | read in order |" if name in streamed
+              else f"| {name} | {s['documents']:,} | {s['tokens']:,} | {s['mean_doc_tokens']} | "
               + ("held out |" if name in held_out else f"{100 * s['tokens'] / total_tokens:.1f}% |")
               for name, s in sources.items()]
     strategy = getattr(config.data, "mix_strategy", "concat")
     probs = getattr(config.data, "interleave_probs", None)
     lines += ["", "Mixture: " + ("sources concatenated in the order listed" if strategy == "concat" else
                                  f"{strategy}, " + (f"probabilities {probs}" if probs else "round-robin")) + "."]
-    lines += ["", f"Packed into {dataset.stats.get('train_blocks', 0):,} training and {dataset.stats.get('eval_blocks', 0):,} "
-              f"held-out blocks of {config.data.cutoff_len} tokens; {dataset.stats.get('dropped_tokens', 0):,} tokens "
-              "dropped (final partial block).", "",
+    if dataset.stats.get("streaming"):
+        packed = (f"Streamed and packed while training into blocks of {config.data.cutoff_len} tokens "
+                  f"({model.stats.get('train_tokens') or 0:,} training tokens read); "
+                  f"{dataset.stats.get('eval_blocks', 0):,} held-out blocks.")
+    else:
+        packed = (f"Packed into {dataset.stats.get('train_blocks', 0):,} training and "
+                  f"{dataset.stats.get('eval_blocks', 0):,} held-out blocks of {config.data.cutoff_len} tokens; "
+                  f"{dataset.stats.get('dropped_tokens', 0):,} tokens dropped (final partial block).")
+    lines += ["", packed, "",
               "## Hyperparameters", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]

@@ -93,8 +93,9 @@ class DataSection(Section):
         "<split>_doc_starts.npy) so training can block attention across documents and restart positions."
     )
     streaming: bool = Field(
-        False, description="LLaMA-Factory's streaming mode. Not supported yet: must be false (accepted so LLaMA-Factory "
-        "configs load). Large corpora are tokenized once into the shard cache; max_samples limits a debug run."
+        False, description="Tokenize and pack while training, in reading order, storing no tokens (for corpora "
+        "larger than the disk). Needs train.max_steps; val_size must be a count (the first blocks); datasets are "
+        "read one after the other (concat). Resumes from the checkpoint's data cursor without re-reading."
     )
     preprocessing_num_workers: int | None = Field(
         None, ge=1, description="Processes that tokenize shards in parallel; default every available core. The result "
@@ -145,9 +146,15 @@ class DataSection(Section):
                 problems.append("data.interleave_probs: interleave_over uses every dataset up; a probability of 0 "
                                 "never would; raise it or use interleave_under")
         if self.streaming:
-            problems.append("data.streaming: true is not supported yet; set it to false (prepare_dataset tokenizes "
-                            "each file once into the shard cache, so later runs reuse it; use max_samples for a "
-                            "quick run on a prefix)")
+            if self.val_size and (self.val_size < 1 or self.val_size != int(self.val_size)):
+                problems.append(f"data.val_size: {self.val_size:g} is a fraction, but a stream's length is unknown; "
+                                "with streaming: true give a count of blocks (e.g. 100): the first blocks are held out")
+            if self.mix_strategy != "concat" and len(self.dataset) > 1:
+                problems.append(f"data.mix_strategy: {self.mix_strategy} is not available with streaming: true; "
+                                "streamed datasets are read one after the other (concat)")
+            if not self.packing:
+                problems.append("data.packing: false is not available with streaming: true (a stream is packed "
+                                "into cutoff_len blocks); set packing: true")
         if self.doc_mask and not self.packing:
             problems.append("data.doc_mask marks documents inside packed blocks; with packing: false every block "
                             "is one document already: remove doc_mask or set packing: true")
@@ -366,6 +373,9 @@ class RunConfig(BaseModel):
         if self.model.train_from_scratch and self.train.finetuning_type != "full":
             problems.append(f"train.finetuning_type: {self.train.finetuning_type!r} on random weights "
                             "(model.train_from_scratch: true) trains a frozen random model; use full")
+        if self.data.streaming and self.train.max_steps <= 0:
+            problems.append("train.max_steps: a stream's length is unknown, so data.streaming: true needs "
+                            "train.max_steps (e.g. 10000) instead of num_train_epochs")
         if self.orchestration.continue_from and self.train.finetuning_type == "lora":
             problems.append("orchestration.continue_from needs a model with full weights, but lora stores only the "
                             "adapter; use train.finetuning_type: full or freeze for continual pretraining")

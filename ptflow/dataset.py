@@ -38,6 +38,7 @@ from ptflow.packing import DocStarts, doc_starts, load_doc_starts, pack, save_do
 from ptflow.shards import SourceShards, default_workers, open_shard, token_dtype, tokenize_sources
 from ptflow.sources import Source, check_sources, plan_shards, read_dataset_info, resolve_sources
 from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version
+from ptflow.stream import StreamPlan, hold_out
 
 if TYPE_CHECKING:
     from ptflow.config import DataSection
@@ -49,7 +50,7 @@ log = logging.getLogger("ptflow.dataset")
 
 STAGE = "prepare_dataset"
 CODE_MODULES = ("ptflow.dataset", "ptflow.fastencode", "ptflow.mixing", "ptflow.packing", "ptflow.shards",
-                "ptflow.sources")
+                "ptflow.sources", "ptflow.stream")
 
 
 def resolve_all(section: "DataSection") -> tuple[list[Source], list[Source]]:
@@ -100,11 +101,15 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
     resolved = resolve_all(section)
     train_sources, eval_sources = resolved
     check_sources(_unique(train_sources + eval_sources))
+    if section.streaming:
+        _check_streamable(train_sources)
 
     def build(folder: Path) -> dict:
         from ptflow.tokenizer import open_tokenizer
 
         tok = open_tokenizer(tokenizer.path)
+        if section.streaming:
+            return _build_stream(folder, section, train_sources, eval_sources, tok, tokenizer.digest, layout, seed)
         sources = _unique(train_sources + eval_sources)
         limits = {s.name: section.max_samples for s in sources if s.num_samples is None}
         shards = tokenize_sources(sources, {s.name: plan_shards(s) for s in sources}, tok, tokenizer.digest, layout,
@@ -145,6 +150,48 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
     artifact = build_or_reuse(layout, STAGE, _components(section, resolved, tokenizer, layout, seed), build)
     log_summary(artifact)
     return artifact
+
+
+def _check_streamable(sources: list[Source]) -> None:
+    sampled = [s.describe() for s in sources if s.num_samples is not None]
+    if sampled:
+        raise DataError(f"data.streaming: num_samples (in dataset_info.json) of {', '.join(sampled)} samples from the "
+                        "whole dataset, whose size a stream does not know; remove num_samples or set streaming: false")
+
+
+def _build_stream(folder: Path, section: "DataSection", train_sources: list[Source], eval_sources: list[Source],
+                  tok, tokenizer_digest: str, layout: Layout, seed: int) -> dict:
+    """Streaming: write the stream plan and the eval blocks; the train stage tokenizes the rest as it goes."""
+    plan = StreamPlan.for_sources(train_sources, section)
+    if eval_sources:
+        shards = tokenize_sources(eval_sources, {s.name: plan_shards(s) for s in eval_sources}, tok, tokenizer_digest,
+                                  layout, workers=section.preprocessing_num_workers or default_workers(),
+                                  batch_size=section.preprocessing_batch_size,
+                                  doc_limits={s.name: section.max_samples for s in eval_sources})
+        held = _assemble(eval_sources, shards, section, seed, token_dtype(len(tok)), "concat")
+        eval_rows = _rows(held, section, tok.pad_token_id)
+        if not len(eval_rows.blocks):
+            raise DataError(f"data.eval_dataset: {held.total} tokens make no block of cutoff_len={section.cutoff_len}; "
+                            "add eval data or lower data.cutoff_len")
+        hold_out(plan, tok, 0)  # checks that the stream holds a training block
+        sources = _source_stats(held, shards, "eval")
+    else:
+        blocks, starts = hold_out(plan, tok, int(section.val_size))
+        eval_rows = Rows(blocks)
+        if starts is not None:
+            eval_rows.doc_offsets = np.concatenate([[0], np.cumsum([len(s) for s in starts])]).astype(np.int64)
+            eval_rows.doc_starts = np.concatenate(starts) if starts else np.zeros(0, np.int32)
+        sources = {}
+    eval_rows.save(folder, "eval")
+    plan.save(folder)
+    for source in train_sources:
+        sources[source.name] = {"files": len(source.files), "shards": sum(sh.source == source.name for sh in plan.shards),
+                                "bytes": sum(plan.files[str(f)]["size"] for f in source.files), "cache": "streamed"}
+    return {"streaming": True, "cutoff_len": section.cutoff_len, "packing": True, "doc_mask": section.doc_mask,
+            "mix_strategy": "concat", "dtype": token_dtype(len(tok)).name, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id, "stream_shards": len(plan.shards), "stream_bytes": plan.total_bytes,
+            "stream_start": plan.start.to_json(), "eval_blocks": len(eval_rows.blocks),
+            "eval_tokens": int(eval_rows.tokens), "sources": sources}
 
 
 def _unique(sources: list[Source]) -> list[Source]:
@@ -282,6 +329,13 @@ def _source_stats(assembled: Assembled, shards: dict[str, SourceShards], split: 
 def log_summary(artifact: Artifact) -> None:
     """The per-dataset table and the block counts, from the manifest (also on a hit)."""
     stats = artifact.stats
+    if stats.get("streaming"):
+        log.info("prepare_dataset: %s %s: streaming %d shards (%.1f MiB) of %s in reading order; %d eval blocks of "
+                 "%d tokens held out; training tokenizes as it reads", "reused" if artifact.hit else "planned",
+                 artifact.key[:12], stats["stream_shards"], stats["stream_bytes"] / 2**20,
+                 ", ".join(n for n, s in stats["sources"].items() if s.get("cache") == "streamed"),
+                 stats["eval_blocks"], stats["cutoff_len"])
+        return
     rows = [("dataset", "shards", "reused", "documents", "tokens", "mean", "token cache")]
     for name, s in stats.get("sources", {}).items():
         rows.append((name, str(s.get("shards", "")), str(s.get("shards_reused", "")), f"{s['documents']:,}",

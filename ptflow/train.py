@@ -29,13 +29,15 @@ from ptflow import checkpoint as ckpt
 from ptflow import faults
 from ptflow.config import ModelSection, TrainSection
 from ptflow.dataset import open_blocks, open_doc_starts
-from ptflow.errors import DataError, TrainingError
+from ptflow.errors import CheckpointError, DataError, TrainingError
 from ptflow.evaluate import batch_tensors, eval_loss, perplexity
 from ptflow.layout import Layout
 from ptflow.launch import launch_training, resolve_num_processes, spec_for
 from ptflow.kernels import apply_speedups, attention_backend, base_causal_lm
 from ptflow.model import build_model, count_parameters, model_files, setup_finetuning
 from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version, sha256_json
+from ptflow.stream import BlockStream, Cursor, StreamPlan, is_streamed
+from ptflow.stream import default_workers as stream_workers
 from ptflow.telemetry import flops_per_token, format_seconds, peak_flops, peak_memory_gib
 from ptflow.tokenizer import resolve_model_dir
 
@@ -43,7 +45,7 @@ log = logging.getLogger("ptflow.train")
 
 STAGE = "train"
 CODE_MODULES = ("ptflow.train", "ptflow.model", "ptflow.checkpoint", "ptflow.evaluate", "ptflow.kernels",
-                "ptflow.launch", "ptflow.packing")
+                "ptflow.launch", "ptflow.packing", "ptflow.stream")
 LogCallback = Callable[[dict], None]
 
 
@@ -63,9 +65,11 @@ class DataOrder:
         return np.sort(self._perm[start: start + self.per_step])  # sorted: sequential reads from the memmap
 
 
-def plan_steps(train: TrainSection, n_blocks: int, world_size: int) -> tuple[int, int, int]:
-    """(blocks per optimizer step, steps per epoch, total steps)."""
+def plan_steps(train: TrainSection, n_blocks: int | None, world_size: int) -> tuple[int, int | None, int]:
+    """(blocks per optimizer step, steps per epoch, total steps); a stream (n_blocks None) runs max_steps."""
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world_size
+    if n_blocks is None:
+        return per_step, None, train.max_steps
     steps_per_epoch = n_blocks // per_step
     if steps_per_epoch == 0:
         raise DataError(f"train: one optimizer step needs {per_step} blocks (per_device_train_batch_size "
@@ -122,10 +126,15 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     fingerprint = {**fingerprint, "world_size": world}
     set_seed(seed)
-    blocks, lengths = open_blocks(dataset, "train")
+    plan = StreamPlan.load(dataset.path) if is_streamed(dataset.path) else None
+    if plan is not None:
+        plan.check_unchanged()
+        blocks, lengths, seq_len = None, None, plan.cutoff_len
+    else:
+        blocks, lengths = open_blocks(dataset, "train")
+        seq_len = blocks.shape[1]
     eval_blocks, eval_lengths = open_blocks(dataset, "eval")
-    per_step, steps_per_epoch, total_steps = plan_steps(train, len(blocks), world)
-    seq_len = blocks.shape[1]
+    per_step, steps_per_epoch, total_steps = plan_steps(train, None if plan else len(blocks), world)
 
     tok = open_tokenizer(tokenizer.path)
     model_dir = resolve_model_dir(model_section, weights=not model_section.train_from_scratch)
@@ -145,13 +154,18 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total_steps)
     scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps, scheduler_specific_kwargs=_scheduler_kwargs(train, total_steps))
-    start_step, resumed_from = 0, None
+    start_step, resumed_from, cursor = 0, None, None
     resume = _resume_path(folder, train.resume_from_checkpoint)
     if resume is not None:
         meta = ckpt.check_fingerprint(resume, fingerprint)
+        if plan is not None and "data_cursor" not in meta:
+            raise CheckpointError(f"train.resume_from_checkpoint: {resume} has no data cursor, so the stream cannot "
+                                  "resume where it stopped; set train.resume_from_checkpoint: false to start over")
         ckpt.load_checkpoint(resume, net, optimizer, scheduler)
         start_step, resumed_from = meta["step"], str(resume)
-        log.info("train: resuming from %s (step %d of %d)", resume.name, start_step, total_steps)
+        cursor = Cursor.from_json(meta["data_cursor"]) if plan is not None else None
+        log.info("train: resuming from %s (step %d of %d%s)", resume.name, start_step, total_steps,
+                 f", stream at pass {cursor.epoch + 1} shard {cursor.shard} token {cursor.offset}" if cursor else "")
     net, optimizer = accelerator.prepare(net, optimizer)
 
     cfg = base_causal_lm(accelerator.unwrap_model(net)).config
@@ -160,30 +174,46 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     peak = peak_flops(device)
     tokens_per_step = per_step * seq_len
     precision = "pure bf16" if train.pure_bf16 else "bf16 autocast, fp32 master" if train.bf16 else "fp32"
-    log.info("train: %s parameters (%s trainable, %s), %d train blocks x %d tokens, %s tokens/step "
-             "(%d x %d accumulation x %d devices), %d steps (%d per epoch), %s on %s%s",
-             f"{n_total:,}", f"{n_trainable:,}", train.finetuning_type, len(blocks), seq_len, f"{tokens_per_step:,}",
-             train.per_device_train_batch_size, train.gradient_accumulation_steps, world, total_steps,
-             steps_per_epoch, precision, device, f", {', '.join(speedups)}" if speedups else "")
+    log.info("train: %s parameters (%s trainable, %s), %s x %d tokens, %s tokens/step "
+             "(%d x %d accumulation x %d devices), %d steps (%s), %s on %s%s",
+             f"{n_total:,}", f"{n_trainable:,}", train.finetuning_type,
+             f"{len(blocks)} train blocks" if plan is None else f"blocks streamed from {len(plan.shards)} shards",
+             seq_len, f"{tokens_per_step:,}", train.per_device_train_batch_size, train.gradient_accumulation_steps,
+             world, total_steps, f"{steps_per_epoch} per epoch" if plan is None else "max_steps",
+             precision, device, f", {', '.join(speedups)}" if speedups else "")
 
     log_path = folder / "trainer_log.jsonl"
     history = _read_log(log_path, upto=start_step) if main else []
     if main:
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-    order = DataOrder(len(blocks), per_step, seed)
     rank, mb, accum = accelerator.process_index, train.per_device_train_batch_size, train.gradient_accumulation_steps
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.bf16 and not train.pure_bf16)
     params = [p for p in net.parameters() if p.requires_grad]
 
-    doc_starts = open_doc_starts(dataset, "train")
+    if plan is not None:  # every rank reads the whole stream and keeps its rows (packing is global)
+        stream = BlockStream(plan, tok, cursor, workers=stream_workers())
+        cursors = {start_step: stream.cursor() if cursor is None else cursor}  # data cursor after each step
+    else:
+        order, doc_starts = DataOrder(len(blocks), per_step, seed), open_doc_starts(dataset, "train")
+        stream = None
+
+    def epoch_at(step: int) -> float:
+        if stream is None:
+            return step / steps_per_epoch
+        at = cursors.get(step) or Cursor()
+        return at.epoch + at.shard / len(plan.shards)
 
     def fetch(step: int) -> list[tuple]:
-        indices = order.step_indices(step)
+        if stream is not None:
+            step_blocks, step_starts, cursors[step + 1] = stream.take(per_step)
+            indices, step_lengths = np.arange(per_step), None
+        else:
+            step_blocks, step_starts, step_lengths, indices = blocks, doc_starts, lengths, order.step_indices(step)
         batches = []
         for i in range(accum):
             rows = indices[(i * world + rank) * mb: (i * world + rank + 1) * mb]
-            ids, labels, mask = batch_tensors(blocks, lengths, rows)
-            positions = None if doc_starts is None else document_positions(doc_starts, rows, seq_len)
+            ids, labels, mask = batch_tensors(step_blocks, step_lengths, rows)
+            positions = None if step_starts is None else document_positions(step_starts, rows, seq_len)
             batches.append(tuple(None if t is None else _to_device(t, device) for t in (ids, labels, mask, positions)))
         return batches
 
@@ -231,7 +261,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                 losses_sum, losses_n = losses_sum + stats["loss_sum"], losses_n + stats["steps"]
                 tps = stats["steps"] * tokens_per_step / stats["elapsed_s"] / world
                 record = _log_record(done, total_steps, stats["loss_sum"] / stats["steps"], scheduler.get_last_lr()[0],
-                                     stats["grad_norm"], done / steps_per_epoch, time.perf_counter() - window.started,
+                                     stats["grad_norm"], epoch_at(done), time.perf_counter() - window.started,
                                      (total_steps - done) * stats["elapsed_s"] / stats["steps"], tps,
                                      done * tokens_per_step, token_flops, peak, device,
                                      stats["wait_s"] / stats["elapsed_s"])
@@ -245,7 +275,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                 if record is None:  # LLaMA-Factory's LogCallback fields for an evaluation-only log line
                     elapsed = time.perf_counter() - window.started
                     record = {"current_steps": done, "total_steps": total_steps,
-                              "epoch": round(done / steps_per_epoch, 4),
+                              "epoch": round(epoch_at(done), 4),
                               "percentage": round(100 * done / total_steps, 2),
                               "elapsed_time": format_seconds(elapsed),
                               "remaining_time": format_seconds(elapsed / (done - start_step) * (total_steps - done))}
@@ -262,16 +292,23 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                 window.check_finite(folder)  # never checkpoint diverged weights
                 accelerator.wait_for_everyone()
                 if main:
-                    state = trainer_state(history, done, total_steps, train, steps_per_epoch)
+                    state = trainer_state(history, done, total_steps, train, epoch_at(done))
+                    extra = {"trainer_state": state, "tokens_seen": done * tokens_per_step}
+                    if stream is not None:
+                        extra["data_cursor"] = cursors[done].to_json()
                     ckpt.save_checkpoint(folder, done, accelerator.unwrap_model(net), optimizer, scheduler, fingerprint,
-                                         {"trainer_state": state, "tokens_seen": done * tokens_per_step})
+                                         extra)
                     ckpt.rotate(folder, train.save_total_limit)
+            if stream is not None:
+                cursors.pop(done - 1, None)
             faults.point(f"train:step-{done}")
             if done == int(os.environ.get("PTFLOW_TEST_FAIL_AFTER_STEP", 0)):  # fault injection for tests
                 raise TrainingError(f"train: injected failure after step {done} (PTFLOW_TEST_FAIL_AFTER_STEP)")
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
         progress.close()
+        if stream is not None:
+            stream.close()
     runtime = time.perf_counter() - window.started
     accelerator.wait_for_everyone()
     if not main:
@@ -283,7 +320,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
         final.merge_and_unload().save_pretrained(folder / "merged", safe_serialization=True)
         tok.save_pretrained(folder / "merged")
     steps_run = total_steps - start_step
-    results = {"epoch": round(total_steps / steps_per_epoch, 4), "total_flos": float(token_flops * total_steps * tokens_per_step),
+    results = {"epoch": round(epoch_at(total_steps), 4), "total_flos": float(token_flops * total_steps * tokens_per_step),
                "train_loss": losses_sum / max(losses_n, 1), "train_runtime": round(runtime, 4),
                "train_samples_per_second": round(steps_run * per_step / runtime, 3) if runtime else None,
                "train_steps_per_second": round(steps_run / runtime, 3) if runtime else None,
@@ -292,13 +329,14 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     # transformers' save_metrics("train") writes all_results.json too; evaluate merges eval_results into it
     (folder / "all_results.json").write_text(json.dumps(results, indent=2))
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state(history, total_steps, total_steps, train,
-                                                                        steps_per_epoch), indent=2))
+                                                                        epoch_at(total_steps)), indent=2))
     return {"total_steps": total_steps, "resumed_from": resumed_from, "parameters": n_total,
             "trainable_parameters": n_trainable, "tokens_per_step": tokens_per_step, "first_step_s": first_step_s,
             "first_loss": next((r["loss"] for r in history if "loss" in r), None),
             "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
             "final_eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
             "finetuning_type": train.finetuning_type, "speedups": speedups, "precision": precision,
+            "train_tokens": results["train_tokens"], "streamed": plan is not None,
             **{k: results[k] for k in ("train_loss", "train_runtime")}}
 
 
@@ -374,8 +412,6 @@ def _resume_path(folder: Path, setting: str | bool) -> Path | None:
         return ckpt.newest_valid(folder)
     path = Path(str(setting)).expanduser()
     if not path.is_dir():
-        from ptflow.errors import CheckpointError
-
         raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a directory; give a checkpoint-<step> "
                               "folder, auto, or false")
     return path
@@ -417,7 +453,7 @@ def _read_log(path: Path, upto: int) -> list[dict]:
     return records
 
 
-def trainer_state(history: list[dict], step: int, total: int, train: TrainSection, steps_per_epoch: int) -> dict:
+def trainer_state(history: list[dict], step: int, total: int, train: TrainSection, epoch: float) -> dict:
     """HF Trainer's trainer_state.json shape (log_history with loss/eval_loss per step)."""
     log_history = []
     for r in history:
@@ -427,8 +463,8 @@ def trainer_state(history: list[dict], step: int, total: int, train: TrainSectio
         if "eval_loss" in r:
             entry.update(eval_loss=r["eval_loss"], eval_perplexity=perplexity(r["eval_loss"]))
         log_history.append(entry)
-    return {"global_step": step, "max_steps": total, "epoch": round(step / steps_per_epoch, 4),
-            "num_train_epochs": math.ceil(total / steps_per_epoch), "logging_steps": train.logging_steps,
+    return {"global_step": step, "max_steps": total, "epoch": round(epoch, 4),
+            "num_train_epochs": math.ceil(epoch * total / step) if step else 0, "logging_steps": train.logging_steps,
             "save_steps": train.save_steps, "train_batch_size": train.per_device_train_batch_size,
             "log_history": log_history}
 

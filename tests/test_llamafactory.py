@@ -355,12 +355,15 @@ def test_hub_token_is_mapped_and_never_shown(tmp_path, tiny_model_dir, tiny_data
     assert "hf_secret123" not in lf.describe(result, "x") + lf.to_ptflow_yaml(result, "x")
 
 
-def test_streaming_true_gets_the_clear_error(tmp_path, tiny_model_dir, tiny_data_dir):
-    with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, streaming=True, max_steps=4)))
-    assert info.value.problems == [
-        "streaming (line 14) -> data.streaming: true is not supported yet; set it to false (prepare_dataset tokenizes "
-        "each file once into the shard cache, so later runs reuse it; use max_samples for a quick run on a prefix)"]
+def test_streaming_true_maps_to_a_streamed_run(tmp_path, tiny_model_dir, tiny_data_dir):
+    cfg = load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, streaming=True, max_steps=4,
+                                              buffer_size=128)))
+    assert cfg.data.streaming and cfg.train.max_steps == 4
+
+
+def test_streaming_without_max_steps_names_the_key(tmp_path, tiny_model_dir, tiny_data_dir):
+    with pytest.raises(ConfigError, match="train.max_steps: a stream's length is unknown"):
+        load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, streaming=True)))
 
 
 # -- convert-lf ------------------------------------------------------------------------------------------------

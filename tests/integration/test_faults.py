@@ -58,3 +58,23 @@ def test_kill_then_rerun_redoes_only_the_interrupted_stage(point, prefect_server
     for s in STAGES:  # every stored artifact is intact by its manifest's digests
         for folder in finished(store, s):
             assert check_files(folder, read_manifest(folder)) is None, folder
+
+
+def test_kill_during_streamed_training_resumes_from_the_data_cursor(prefect_server, tmp_path):
+    """A streamed run killed between checkpoints continues from the cursor saved at the last one."""
+    env = cli_env(tmp_path, PREFECT_API_URL=prefect_server, PTFLOW_SUMMARY_JSON=str(tmp_path / "summary.json"))
+    streamed = [*FAST, "data.streaming=true", "data.val_size=8"]
+    killed = run_cli({**env, "PTFLOW_KILL_AT": "train:step-8"}, "run", "configs/quickstart.yaml", *streamed,
+                     timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    rerun = run_cli(env, "run", "configs/quickstart.yaml", *streamed, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = {row["stage"]: row for row in json.loads((tmp_path / "summary.json").read_text())["stages"]}
+    assert rows["prepare_dataset"]["cache"] == "hit" and rows["train"]["cache"] == "miss"
+    folder = Path(rows["train"]["path"])
+    stats = read_manifest(folder)["stats"]
+    assert stats["resumed_from"].endswith("checkpoint-5") and stats["streamed"]
+    steps = [json.loads(line)["current_steps"] for line in (folder / "trainer_log.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == steps and steps[-1] == 12  # no step logged twice after the resume
+    cursor = json.loads((folder / "checkpoint-10" / "ptflow_checkpoint.json").read_text())["data_cursor"]
+    assert cursor["epoch"] == 0 and cursor["offset"] > 0

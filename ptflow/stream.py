@@ -1,0 +1,317 @@
+"""Streaming mode (`data.streaming: true`): tokenize and pack while training, in reading order, nothing stored.
+
+For corpora larger than the disk the token cache would need. `prepare_dataset` checks the sources
+and writes a *stream plan* (`stream.json`: every shard of every file in reading order, each file's
+size and mtime) plus the held-out eval blocks; the train stage then reads shards, tokenizes them
+in worker processes a few shards ahead, concatenates the documents (each followed by EOS) and
+cuts `cutoff_len` blocks, exactly as non-streamed packing would.
+
+Resuming needs no replay: a `Cursor` (pass over the stream, shard index, tokens of that shard
+already consumed, documents of its dataset before it) is saved in every checkpoint; a resumed
+run re-reads only the one shard the cursor points into and drops the consumed tokens. At the end
+of the plan the final partial block is dropped and the next pass starts at the first shard, so
+`max_steps` decides how long training runs. Datasets are read one after the other (concat);
+`max_samples` keeps the first N documents of each.
+
+    stream = BlockStream(StreamPlan.load(folder), tokenizer_dir, cursor, workers=2)
+    blocks, doc_starts, cursor = stream.take(16)   # (16, cutoff_len) tokens, the cursor after them
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ptflow.errors import DataError
+from ptflow.shards import Encoder, Encoding, encode_texts, encoding_for
+from ptflow.sources import Shard, Source, plan_shards, read_shard
+
+log = logging.getLogger("ptflow.stream")
+
+PLAN_FILE = "stream.json"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the next block starts: `offset` tokens into shard `shard` of pass `epoch`.
+
+    `docs_before` counts the documents of that shard's dataset in earlier shards of the pass, so
+    `max_samples` is applied on resume without reading them again.
+    """
+
+    epoch: int = 0
+    shard: int = 0
+    offset: int = 0
+    docs_before: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def again(self, epoch: int) -> "Cursor":
+        """The same place in another pass."""
+        return Cursor(epoch, self.shard, self.offset, self.docs_before)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Cursor":
+        return cls(**{k: int(data[k]) for k in ("epoch", "shard", "offset", "docs_before")})
+
+
+@dataclass
+class StreamPlan:
+    """The shards to read, in order, and what the train stage needs to read them as prepare_dataset planned."""
+
+    shards: list[Shard]
+    limits: dict[str, int | None]  # max_samples per dataset
+    files: dict[str, dict]  # path -> {"size", "mtime_ns"} at planning time
+    cutoff_len: int
+    doc_mask: bool
+    batch_size: int
+    start: Cursor = field(default_factory=Cursor)  # after the held-out val_size blocks
+
+    @classmethod
+    def for_sources(cls, sources: list[Source], section) -> "StreamPlan":
+        shards = [shard for source in sources for shard in plan_shards(source)]
+        files = {}
+        for source in sources:
+            for file in source.files:
+                stat = Path(file).stat()
+                files[str(file)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return cls(shards, {s.name: section.max_samples for s in sources}, files, section.cutoff_len,
+                   section.doc_mask, section.preprocessing_batch_size)
+
+    def save(self, folder: Path) -> None:
+        data = {"shards": [asdict(s) for s in self.shards], "limits": self.limits, "files": self.files,
+                "cutoff_len": self.cutoff_len, "doc_mask": self.doc_mask, "batch_size": self.batch_size,
+                "start": self.start.to_json()}
+        (Path(folder) / PLAN_FILE).write_text(json.dumps(data, indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "StreamPlan":
+        data = json.loads((Path(folder) / PLAN_FILE).read_text())
+        return cls([Shard(**s) for s in data["shards"]], data["limits"], data["files"], data["cutoff_len"],
+                   data["doc_mask"], data["batch_size"], Cursor.from_json(data["start"]))
+
+    def check_unchanged(self) -> None:
+        """Files must be as planned: the dataset's key (hence the run's) was computed from their bytes."""
+        for path, was in self.files.items():
+            try:
+                stat = os.stat(path)
+            except OSError:
+                raise DataError(f"{path}: streamed dataset file is gone since prepare_dataset planned the stream; "
+                                "restore it or re-run the flow so the dataset stage plans again") from None
+            if stat.st_size != was["size"] or stat.st_mtime_ns != was["mtime_ns"]:
+                raise DataError(f"{path}: changed since prepare_dataset planned the stream (size {was['size']} -> "
+                                f"{stat.st_size}); re-run the flow so the dataset stage plans again")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+
+def is_streamed(folder: str | Path) -> bool:
+    return (Path(folder) / PLAN_FILE).exists()
+
+
+def default_workers() -> int:
+    """Tokenizer processes beside a training process: a few cores, none on a small machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores // 2) if cores > 2 else 0
+
+
+# --------------------------------------------------------------------------- tokenizing shards
+
+_WORKER: dict = {}
+
+
+def _init_worker(encoding: Encoding) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER.update(encoding=encoding, encoder=Encoder(Tokenizer.from_str(encoding.tokenizer_json)))
+
+
+def _encode(shard: Shard, encoder: Encoder, encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
+    texts = read_shard(shard)
+    encoder.check(texts, shard.where)
+    return encode_texts(texts, encoder, encoding.eos_token_id, np.dtype(encoding.dtype), encoding.batch_size)
+
+
+def _encode_in_worker(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+    return _encode(shard, _WORKER["encoder"], _WORKER["encoding"])
+
+
+@dataclass
+class _Piece:
+    """Tokens of one shard, `offset` of them consumed."""
+
+    index: int
+    epoch: int
+    tokens: np.ndarray
+    ends: np.ndarray  # document ends within `tokens`
+    offset: int
+    docs_before: int
+
+    @property
+    def left(self) -> int:
+        return len(self.tokens) - self.offset
+
+
+class BlockStream:
+    """`cutoff_len` blocks in reading order from a cursor, with the cursor after each `take`."""
+
+    def __init__(self, plan: StreamPlan, tokenizer, cursor: Cursor | None = None, workers: int = 0,
+                 lookahead: int | None = None):
+        if not plan.shards:
+            raise DataError("data.streaming: the stream plan has no shards (no data files)")
+        self.plan = plan
+        self.start = cursor or plan.start
+        self.encoding = encoding_for(tokenizer, plan.batch_size)
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        self.encoder = Encoder(backend) if backend is not None else Encoder(slow_tokenizer=tokenizer)
+        self.pool = None
+        if workers > 0 and self.encoding.tokenizer_json is not None:
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(self.encoding,))
+        self.lookahead = lookahead or max(2, 2 * workers)
+        self.pending: deque[tuple[int, int, Future | None]] = deque()  # (pass, shard index, tokens when pooled)
+        self.next_epoch, self.next_shard = self.start.epoch, self.start.shard
+        self.epoch = self.start.epoch  # the pass the next block belongs to
+        self.piece: _Piece | None = None
+        self.entry: Cursor | None = self.start  # applied to the next shard read: resume point or start of a pass
+        self.docs_seen: dict[str, int] = {}  # documents of each dataset read so far in the current pass
+        self.blocks_this_pass = 0
+        self.whole_pass = self.start == plan.start.again(self.start.epoch)  # whether this pass is read from its start
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> "BlockStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _full(self, source: str) -> bool:
+        limit = self.plan.limits.get(source)
+        return limit is not None and self.docs_seen.get(source, 0) >= limit
+
+    def _submit(self) -> None:
+        """Queue the next shards (tokenized ahead by the pool), skipping datasets that reached max_samples."""
+        while len(self.pending) < self.lookahead:
+            index, epoch = self.next_shard, self.next_epoch
+            shard = self.plan.shards[index]
+            self.next_shard += 1
+            if self.next_shard == len(self.plan.shards):  # the next pass starts where training data starts
+                self.next_epoch, self.next_shard = epoch + 1, self.plan.start.shard
+            if epoch == self.epoch and self.entry is None and self._full(shard.source):
+                continue  # holds no wanted document
+            future = self.pool.submit(_encode_in_worker, shard) if self.pool is not None else None
+            self.pending.append((epoch, index, future))
+
+    def _next_piece(self) -> _Piece | None:
+        """The next shard's tokens, or None when the current pass has no shard left."""
+        self._submit()
+        epoch, index, future = self.pending[0]
+        if epoch != self.epoch:
+            return None
+        self.pending.popleft()
+        shard = self.plan.shards[index]
+        entry, self.entry = self.entry, None
+        if entry is not None:  # the cursor's shard: its dataset had docs_before documents already
+            self.docs_seen = {shard.source: entry.docs_before}
+        before = self.docs_seen.get(shard.source, 0)
+        limit = self.plan.limits.get(shard.source)
+        if limit is not None and before >= limit:
+            tokens, ends = np.zeros(0, np.dtype(self.encoding.dtype)), np.zeros(0, np.int64)
+            if future is not None:
+                future.cancel()
+        else:
+            tokens, ends = future.result() if future is not None else _encode(shard, self.encoder, self.encoding)
+            if limit is not None and before + len(ends) > limit:
+                keep = limit - before
+                tokens, ends = tokens[: int(ends[keep - 1])], ends[:keep]
+        self.docs_seen[shard.source] = before + len(ends)
+        offset = entry.offset if entry is not None else 0
+        if offset > len(tokens):
+            raise DataError(f"{shard.where}: the checkpoint's data cursor points {offset} tokens into this shard but "
+                            f"it has {len(tokens)}; the file changed since the checkpoint was written")
+        return _Piece(index, epoch, tokens, ends, offset, before)
+
+    def _end_pass(self) -> None:
+        if self.blocks_this_pass == 0 and self.whole_pass:
+            raise DataError(f"data.dataset: a whole pass over the streamed datasets holds fewer than cutoff_len="
+                            f"{self.plan.cutoff_len} tokens; add data or lower data.cutoff_len")
+        log.info("stream: pass %d over the data ended after %d blocks (final partial block dropped); starting pass %d",
+                 self.epoch + 1, self.blocks_this_pass, self.epoch + 2)
+        self.epoch += 1
+        self.blocks_this_pass = 0
+        self.docs_seen = {}
+        self.piece = None
+        self.entry = self.plan.start.again(self.epoch)
+        self.whole_pass = True
+
+    def take(self, n: int) -> tuple[np.ndarray, list[np.ndarray] | None, Cursor]:
+        """The next `n` blocks (n, cutoff_len), their document starts (doc_mask) and the cursor after them."""
+        length = self.plan.cutoff_len
+        blocks = np.empty((n, length), dtype=np.dtype(self.encoding.dtype))
+        starts: list[np.ndarray] | None = [] if self.plan.doc_mask else None
+        row = 0
+        while row < n:
+            filled, block_starts = 0, [0]
+            while filled < length:
+                if self.piece is None or self.piece.left == 0:
+                    self.piece = self._next_piece()
+                    if self.piece is None:
+                        self._end_pass()
+                        break
+                piece = self.piece
+                take = min(length - filled, piece.left)
+                blocks[row, filled: filled + take] = piece.tokens[piece.offset: piece.offset + take]
+                if starts is not None:
+                    ends = piece.ends[(piece.ends > piece.offset) & (piece.ends < piece.offset + take)]
+                    block_starts.extend((ends - piece.offset + filled).tolist())
+                    if filled and piece.offset == 0:
+                        block_starts.append(filled)  # a shard begins with a new document
+                piece.offset += take
+                filled += take
+            if filled < length:
+                continue  # the pass ended inside this block: it is dropped, the row refilled from the next pass
+            self.blocks_this_pass += 1
+            if starts is not None:
+                starts.append(np.unique(np.asarray(block_starts, dtype=np.int32)))
+            row += 1
+        return blocks, starts, self.cursor()
+
+    def cursor(self) -> Cursor:
+        """Where the next block starts."""
+        piece = self.piece
+        if piece is None:
+            return Cursor(self.epoch, self.pending[0][1] if self.pending else self.next_shard, 0, 0)
+        return Cursor(piece.epoch, piece.index, piece.offset, piece.docs_before)
+
+
+def hold_out(plan: StreamPlan, tokenizer, n_blocks: int) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """The first `n_blocks` blocks of the stream (val_size as a count), moving `plan.start` past them, and a check
+    that at least one training block follows."""
+    with BlockStream(plan, tokenizer) as stream:
+        blocks, starts, cursor = stream.take(n_blocks) if n_blocks else (
+            np.zeros((0, plan.cutoff_len), dtype=np.dtype(stream.encoding.dtype)), [] if plan.doc_mask else None,
+            plan.start)
+        if stream.epoch > 0:
+            raise DataError(f"data.val_size: {n_blocks} held-out blocks use up the whole stream; lower val_size")
+        stream.take(1)
+        if stream.epoch > 0:
+            raise DataError(f"data.val_size: {n_blocks} held-out blocks leave less than one training block in the "
+                            "stream; lower val_size or add data")
+    plan.start = cursor
+    return blocks, starts

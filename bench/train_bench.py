@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FLAG_LABELS = {"eager": "eager", "compile": "torch.compile", "layers": "regional torch.compile",
-               "liger": "liger fused CE", "pure": "pure bf16", "cudnn": "cuDNN attention"}
+               "liger": "liger fused CE", "pure": "pure bf16", "cudnn": "cuDNN attention", "flash": "flash SDPA",
+               "docmask": "document masking", "flex": "flex_attention", "stream": "streamed data"}
 
 
 def train_section(variant: str, steps: int, mb: int, lr: float):
@@ -41,7 +42,8 @@ def train_section(variant: str, steps: int, mb: int, lr: float):
                         save_steps=10**9, bf16=True, pure_bf16="pure" in flags,
                         torch_compile=bool({"compile", "layers"} & flags),
                         compile_scope="layers" if "layers" in flags else "model", enable_liger_kernel="liger" in flags,
-                        sdpa_backend="cudnn" if "cudnn" in flags else "auto", resume_from_checkpoint=False)
+                        sdpa_backend="cudnn" if "cudnn" in flags else "flash" if "flash" in flags else "auto",
+                        resume_from_checkpoint=False)
 
 
 def run_one(a) -> dict:
@@ -56,11 +58,13 @@ def run_one(a) -> dict:
 
     work = Path(a.anchors_work)
     layout = Layout(a.store)
-    model = ModelSection(model_name_or_path=str(work / "models" / a.model), train_from_scratch=True)
+    flags = set(a.variant.split("+"))
+    model = ModelSection(model_name_or_path=str(work / "models" / a.model), train_from_scratch=True,
+                         attn_implementation="flex_attention" if "flex" in flags else "sdpa")
     started = time.perf_counter()
     tok = load_tokenizer(model, layout)
-    data = prepare_dataset(DataSection(dataset=["stdlib_py"], dataset_dir=str(work / "data"), cutoff_len=a.seq),
-                           tok, layout)
+    data = prepare_dataset(DataSection(dataset=["stdlib_py"], dataset_dir=str(work / "data"), cutoff_len=a.seq,
+                                       doc_mask="docmask" in flags, streaming="stream" in flags), tok, layout)
     prep_s = time.perf_counter() - started
     section = train_section(a.variant, a.steps, a.mb, a.lr)
     t0 = time.perf_counter()

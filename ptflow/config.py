@@ -49,8 +49,10 @@ class ModelSection(Section):
     resize_vocab: bool = Field(
         False, description="Resize the embeddings when the tokenizer is larger than the model's vocabulary."
     )
-    attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Attention kernel: PyTorch scaled_dot_product_attention or the eager reference."
+    attn_implementation: Literal["sdpa", "flex_attention", "eager"] = Field(
+        "sdpa", description="Attention kernel: PyTorch scaled_dot_product_attention, flex_attention (compiled "
+        "block-sparse kernel: fast document masking with data.doc_mask; training needs a CUDA GPU) or the eager "
+        "reference."
     )
 
     def tokenizer_fields(self) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""GPU paths of the train stage: bf16 + compile, flex_attention document masking, streaming on CUDA.
+
+Skipped without a CUDA device (CI has none); run on a GPU machine with `python -m pytest tests/test_gpu.py`.
+The CPU-side refusal of flex_attention runs everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ptflow.config import DataSection, ModelSection, TrainSection
+from ptflow.dataset import prepare_dataset
+from ptflow.errors import TrainingError
+from ptflow.layout import Layout
+from ptflow.train import train
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def run(tiny_model_dir, tokenizer_artifact, dataset, folder, attn="sdpa", **train_kw):
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True, attn_implementation=attn)
+    settings = TrainSection(**{"max_steps": 6, "learning_rate": 3e-3, "per_device_train_batch_size": 4,
+                               "logging_steps": 1, "save_steps": 3, "bf16": True, **train_kw})
+    artifact = train(model, settings, tokenizer_artifact, dataset, Layout(folder))
+    log = [json.loads(line) for line in (artifact.dir / "trainer_log.jsonl").read_text().splitlines()]
+    return artifact, {r["current_steps"]: r["loss"] for r in log if "loss" in r}, log
+
+
+@pytest.fixture(scope="module")
+def masked(tiny_data_dir, tokenizer_artifact, session_layout):
+    return prepare_dataset(DataSection(dataset="stdlib_docs", dataset_dir=str(tiny_data_dir), cutoff_len=64,
+                                       doc_mask=True), tokenizer_artifact, session_layout)
+
+
+def test_flex_attention_is_refused_for_cpu_training(tiny_model_dir, tokenizer_artifact, masked, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainingError, match="flex_attention trains only on a CUDA GPU"):
+        run(tiny_model_dir, tokenizer_artifact, masked, tmp_path, attn="flex_attention")
+
+
+@cuda
+def test_flex_attention_document_masking_matches_sdpa(tiny_model_dir, tokenizer_artifact, masked, tmp_path):
+    """Both kernels see the same block-diagonal masks (restarting position ids): same losses within bf16 noise."""
+    _, sdpa, _ = run(tiny_model_dir, tokenizer_artifact, masked, tmp_path / "sdpa")
+    _, flex, _ = run(tiny_model_dir, tokenizer_artifact, masked, tmp_path / "flex", attn="flex_attention")
+    assert sdpa.keys() == flex.keys()
+    for step in sdpa:
+        assert flex[step] == pytest.approx(sdpa[step], rel=3e-2), step
+
+
+@cuda
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_bf16_compiled_training_on_the_gpu(tiny_model_dir, tokenizer_artifact, masked, tmp_path, scope):
+    artifact, losses, log = run(tiny_model_dir, tokenizer_artifact, masked, tmp_path, torch_compile=True,
+                                compile_scope=scope, pure_bf16=scope == "model")
+    assert losses[6] < losses[1]
+    assert all(r["mfu"] is not None and r["mfu"] > 0 for r in log if "loss" in r)  # a peak-FLOPs entry exists
+    assert artifact.stats["precision"] in ("bf16 autocast, fp32 master", "pure bf16")
+
+
+@cuda
+def test_streamed_training_on_the_gpu_resumes_exactly(tiny_model_dir, tokenizer_artifact, tiny_data_dir,
+                                                      session_layout, tmp_path):
+    streamed = prepare_dataset(DataSection(dataset="stdlib_docs", dataset_dir=str(tiny_data_dir), cutoff_len=64,
+                                           streaming=True), tokenizer_artifact, session_layout)
+    whole, want, _ = run(tiny_model_dir, tokenizer_artifact, streamed, tmp_path / "a")
+    layout = Layout(tmp_path / "b")
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    settings = TrainSection(max_steps=6, learning_rate=3e-3, per_device_train_batch_size=4, logging_steps=1,
+                            save_steps=3, bf16=True)
+
+    def stop(record):
+        if record["current_steps"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, settings, tokenizer_artifact, streamed, layout, on_log=stop)
+    resumed = train(model, settings, tokenizer_artifact, streamed, layout)
+    assert resumed.stats["resumed_from"].endswith("checkpoint-3")
+    log = [json.loads(line) for line in (resumed.dir / "trainer_log.jsonl").read_text().splitlines()]
+    got = {r["current_steps"]: r["loss"] for r in log if "loss" in r}
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-3), step

@@ -35,14 +35,17 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict, extra: dict) -> Path:
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict, extra: dict,
+                    states: tuple[dict, dict] | None = None) -> Path:
+    """`states`: (trainable weights, optimizer state) already gathered (FSDP); default: read from model/optimizer."""
     final = folder / f"checkpoint-{step}"
     tmp = folder / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / WEIGHTS)
+    weights, optimizer_state = states if states is not None else (trainable_state(model), optimizer.state_dict())
+    save_file(weights, tmp / WEIGHTS)
     faults.point(f"checkpoint:writing-{step}")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -98,16 +101,21 @@ def check_fingerprint(path: Path, expected: dict) -> dict:
     return meta
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:
+def load_checkpoint(path: Path, model, optimizer, scheduler, load_states=None) -> None:
+    """Restore a checkpoint; `load_states(weights, optimizer_state)` puts them into a sharded (FSDP) model."""
     state = load_file(path / WEIGHTS)
     params = dict(model.named_parameters())
     missing = [name for name in state if name not in params]
     if missing:
         raise CheckpointError(f"{path}: weights {missing[:3]} do not match the model")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if load_states is not None:
+        load_states(state, optimizer_state)
+    else:
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng_state.pth", weights_only=False)  # our own file: python/numpy RNG tuples
     random.setstate(rng["python"])

@@ -226,6 +226,10 @@ class TrainSection(Section):
     num_processes: int | None = Field(
         None, ge=1, description="Training processes (DDP through torchrun), one per GPU; default: every "
         "visible GPU, or 1 on CPU. More than 1 on CPU runs gloo DDP (for tests).")
+    fsdp: bool = Field(
+        False, description="Shard parameters, gradients and optimizer states across the training processes "
+        "(PyTorch FSDP2, one unit per decoder layer) instead of replicating them (DDP): for models whose weights and "
+        "AdamW states do not fit one GPU. Needs num_processes > 1; full or freeze training.")
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights (GPU).")
     pure_bf16: bool = Field(False, description="Keep weights and optimizer states in bf16 (no fp32 master copy): "
                             "less memory and faster, slightly less precise.")
@@ -244,6 +248,20 @@ class TrainSection(Section):
         "or a checkpoint directory."
     )
 
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_options(cls, value: Any) -> Any:
+        """Also transformers' `fsdp` option strings (LLaMA-Factory configs): "full_shard auto_wrap" -> true."""
+        if value is None or isinstance(value, bool):
+            return bool(value)
+        options = value.split() if isinstance(value, str) else value if isinstance(value, list) else None
+        known = {"full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "auto_wrap", "offload",
+                 "no_shard"}
+        if options is None or not all(isinstance(o, str) and o in known for o in options):
+            raise ValueError(f"expected true/false or transformers' FSDP options (e.g. 'full_shard auto_wrap'), "
+                             f"got {value!r}")
+        return bool(options) and "no_shard" not in options
+
     @field_validator("freeze_trainable_modules", "lora_target", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
@@ -255,6 +273,12 @@ class TrainSection(Section):
     def _steps_or_epochs(self) -> "TrainSection":
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be a positive number of steps, or -1 to use num_train_epochs")
+        if self.fsdp and self.finetuning_type == "lora":
+            raise ValueError("train.fsdp shards full weights; a LoRA adapter is small enough for DDP: remove fsdp "
+                             "or use finetuning_type full/freeze")
+        if self.fsdp and self.num_processes == 1:
+            raise ValueError("train.fsdp shards across processes, but num_processes is 1; raise num_processes "
+                             "(one per GPU) or remove fsdp")
         return self
 
     def digest_fields(self) -> dict[str, Any]:

@@ -176,10 +176,10 @@ RULES: dict[str, Rule] = {
     **_rejected("training", "fp16 mixed precision is not supported: use bf16: true (GPU), or neither for fp32",
                 fp16=False),
     **_rejected("training", "no DeepSpeed: multi-GPU training is torchrun DDP, one process per GPU "
-                "(train.num_processes, default every visible GPU); ZeRO sharding is not available",
+                "(train.num_processes, default every visible GPU); for ZeRO-3-like sharding set train.fsdp: true",
                 deepspeed=None),
-    **_rejected("training", "no FSDP: multi-GPU training is torchrun DDP (train.num_processes)",
-                fsdp=(None, "", [], False), fsdp_config=None),
+    **_ignored("training", "train.fsdp wraps each decoder layer (FSDP2); fsdp_config is not read",
+               fsdp_config=None),
     **_rejected("training", "ptflow trains with torch AdamW (fused where available): adamw_torch, "
                 "adamw_torch_fused and adamw_hf are accepted, other optimizers are not",
                 optim=("adamw_torch", "adamw_torch_fused", "adamw_hf")),
@@ -297,7 +297,8 @@ PREFIXES: dict[str, Rule] = {
                kto_=None, ppo_=None),
     **_ignored("training", "metrics go to the Prefect UI and trainer_log.jsonl; no tracker integrations",
                swanlab_=None, trackio_=None, ray_=None),
-    **_ignored("training", "no FSDP: multi-GPU training is torchrun DDP (train.num_processes)", fsdp_=None),
+    **_ignored("training", "FSDP tuning settings are not read: train.fsdp wraps each decoder layer (FSDP2) with "
+               "PyTorch's defaults", fsdp_=None),
 }
 """Families of keys (name prefix) ignored with one reason; their switch (use_galore, fsdp, ...) is in RULES."""
 
@@ -308,7 +309,7 @@ SAME_NAMES: dict[str, tuple[str, ...]] = {
              "interleave_probs", "packing", "streaming", "preprocessing_num_workers", "preprocessing_batch_size"),
     "finetuning": ("finetuning_type", "pure_bf16", "freeze_trainable_layers", "freeze_trainable_modules", "lora_rank",
                    "lora_alpha", "lora_dropout", "lora_target", "plot_loss"),
-    "training": ("output_dir", "run_name", "seed", "do_train", "do_eval", "per_device_train_batch_size",
+    "training": ("output_dir", "run_name", "seed", "do_train", "do_eval", "fsdp", "per_device_train_batch_size",
                  "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
                  "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps",
                  "lr_scheduler_type", "warmup_ratio", "warmup_steps", "logging_steps", "save_steps", "save_total_limit",
@@ -318,6 +319,8 @@ SAME_NAMES: dict[str, tuple[str, ...]] = {
 """LLaMA-Factory keys ptflow's schema has by the same name (routed dynamically; listed for the docs)."""
 
 DIFFERENCES: dict[str, str] = {
+    "fsdp": "transformers' option strings are read: full_shard, shard_grad_op or hybrid_shard (with auto_wrap) all "
+            "mean FSDP2 full sharding, one unit per decoder layer; offload is not done; no_shard or empty is DDP",
     "cutoff_len": "blocks hold exactly cutoff_len tokens; LLaMA-Factory cuts cutoff_len - 1 when packing: true is "
                   "set explicitly, and overwrites each block's first token with BOS for tokenizers that add one",
     "packing": "true (pt's default in both): text + EOS concatenated and cut into blocks, the EOS is trained on, and "

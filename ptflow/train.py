@@ -20,13 +20,14 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ptflow import checkpoint as ckpt
-from ptflow import faults
+from ptflow import faults, sharding
 from ptflow.config import ModelSection, TrainSection
 from ptflow.dataset import open_blocks, open_doc_starts
 from ptflow.errors import CheckpointError, DataError, TrainingError
@@ -45,7 +46,7 @@ log = logging.getLogger("ptflow.train")
 
 STAGE = "train"
 CODE_MODULES = ("ptflow.train", "ptflow.model", "ptflow.checkpoint", "ptflow.evaluate", "ptflow.kernels",
-                "ptflow.launch", "ptflow.packing", "ptflow.stream")
+                "ptflow.launch", "ptflow.packing", "ptflow.stream", "ptflow.sharding")
 LogCallback = Callable[[dict], None]
 
 
@@ -150,7 +151,13 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
         else:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_total, n_trainable = count_parameters(net)
-    speedups = apply_speedups(net, train)
+    sharded = train.fsdp and world > 1
+    speedups = apply_speedups(net, train.model_copy(update={"torch_compile": False}) if sharded else train)
+    if sharded:
+        if train.torch_compile:
+            speedups.append(sharding.compile_layers(net))
+        sharding.shard(net, device, world, train.bf16 and not train.pure_bf16)
+        speedups.append(f"FSDP over {world} processes")
     optimizer = torch.optim.AdamW(_param_groups(net, train.weight_decay), lr=train.learning_rate,
                                   betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
                                   fused=device.type == "cuda")
@@ -164,12 +171,14 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
         if plan is not None and "data_cursor" not in meta:
             raise CheckpointError(f"train.resume_from_checkpoint: {resume} has no data cursor, so the stream cannot "
                                   "resume where it stopped; set train.resume_from_checkpoint: false to start over")
-        ckpt.load_checkpoint(resume, net, optimizer, scheduler)
+        ckpt.load_checkpoint(resume, net, optimizer, scheduler,
+                             load_states=partial(sharding.load_full_states, net, optimizer) if sharded else None)
         start_step, resumed_from = meta["step"], str(resume)
         cursor = Cursor.from_json(meta["data_cursor"]) if plan is not None else None
         log.info("train: resuming from %s (step %d of %d%s)", resume.name, start_step, total_steps,
                  f", stream at pass {cursor.epoch + 1} shard {cursor.shard} token {cursor.offset}" if cursor else "")
-    net, optimizer = accelerator.prepare(net, optimizer)
+    if not sharded:  # DDP through accelerate; FSDP units do their own gradient reduction
+        net, optimizer = accelerator.prepare(net, optimizer)
 
     cfg = base_causal_lm(accelerator.unwrap_model(net)).config
     token_flops = flops_per_token(n_trainable if train.finetuning_type == "full" else n_total,
@@ -238,12 +247,16 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
             window.wait_s += time.perf_counter() - wait_start
             step_loss = torch.zeros((), device=device)
             for i, (ids, labels, mask, positions) in enumerate(batches):
-                with accelerator.no_sync(net) if i < accum - 1 and world > 1 else nullcontext(), autocast, \
-                        attention_backend(train):
+                if sharded:
+                    net.set_requires_gradient_sync(i == accum - 1)
+                with accelerator.no_sync(net) if i < accum - 1 and world > 1 and not sharded else nullcontext(), \
+                        autocast, attention_backend(train):
                     loss = net(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions).loss / accum
                 accelerator.backward(loss)
                 step_loss += loss.detach().float()
-            if train.max_grad_norm > 0:
+            if sharded:
+                grad_norm = sharding.clip_grad_norm(params, train.max_grad_norm)
+            elif train.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
             else:
                 grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
@@ -294,13 +307,15 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
             if done % train.save_steps == 0 and done < total_steps:
                 window.check_finite(folder)  # never checkpoint diverged weights
                 accelerator.wait_for_everyone()
+                states = sharding.full_states(net, optimizer) if sharded else None  # every rank takes part
                 if main:
                     state = trainer_state(history, done, total_steps, train, epoch_at(done))
                     extra = {"trainer_state": state, "tokens_seen": done * tokens_per_step}
                     if stream is not None:
                         extra["data_cursor"] = cursors[done].to_json()
                     ckpt.save_checkpoint(folder, done, accelerator.unwrap_model(net), optimizer, scheduler, fingerprint,
-                                         extra)
+                                         extra, None if states is None else
+                                         (sharding.trainable_only(net, states[0]), states[1]))
                     ckpt.rotate(folder, train.save_total_limit)
             if stream is not None:
                 cursors.pop(done - 1, None)
@@ -314,10 +329,12 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
             stream.close()
     runtime = time.perf_counter() - window.started
     accelerator.wait_for_everyone()
+    full_weights = sharding.full_states(net, optimizer)[0] if sharded else None  # every rank takes part
     if not main:
         return {}
     final = accelerator.unwrap_model(net)
-    final.save_pretrained(folder, safe_serialization=True)
+    final.save_pretrained(folder, safe_serialization=True,
+                          state_dict=None if full_weights is None else sharding.without_tied(final, full_weights))
     tok.save_pretrained(folder)
     if train.finetuning_type == "lora" and train.save_merged_model:
         final.merge_and_unload().save_pretrained(folder / "merged", safe_serialization=True)

@@ -55,3 +55,41 @@ def test_rank_error_keeps_its_type_and_message(tiny_model_dir, tokenizer_artifac
     with pytest.raises(TrainingError, match=r"not finite at step \d"):
         train(model, settings(num_processes=2, per_device_train_batch_size=2, learning_rate=1e10, max_grad_norm=0),
               tokenizer_artifact, dataset, Layout(tmp_path / "c"))
+
+
+def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artifact, dataset, tmp_path, monkeypatch):
+    """Sharded training takes the same steps as DDP; checkpoints and the model hold full tensors; resume re-shards."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    two = dict(num_processes=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    ddp = train(model, settings(**two), tokenizer_artifact, dataset, Layout(tmp_path / "ddp"))
+    layout = Layout(tmp_path / "fsdp")
+    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", "4")
+    with pytest.raises(TrainingError, match="injected failure after step 4"):
+        train(model, settings(fsdp=True, **two), tokenizer_artifact, dataset, layout)
+    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+    fsdp = train(model, settings(fsdp=True, **two), tokenizer_artifact, dataset, layout)
+    assert fsdp.stats["resumed_from"].endswith("checkpoint-3")
+    assert "FSDP over 2 processes" in fsdp.stats["speedups"]
+    assert [r["current_steps"] for r in log_of(fsdp)] == list(range(1, 7))
+    assert [r["loss"] for r in log_of(fsdp)] == pytest.approx([r["loss"] for r in log_of(ddp)], abs=1e-5)
+    sharded, replicated = load_file(fsdp.dir / "model.safetensors"), load_file(ddp.dir / "model.safetensors")
+    assert sharded.keys() == replicated.keys()
+    for name in replicated:
+        torch.testing.assert_close(sharded[name], replicated[name], atol=1e-5, rtol=0, msg=name)
+    checkpoint = load_file(fsdp.dir / "checkpoint-3" / "trainable.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(fsdp.dir, use_safetensors=True)
+    assert {n: tuple(p.shape) for n, p in loaded.named_parameters()} == \
+        {n: tuple(t.shape) for n, t in checkpoint.items()}  # full, unsharded tensors
+
+
+def test_fsdp_with_one_process_or_lora_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="num_processes is 1"):
+        settings(fsdp=True, num_processes=1)
+    with pytest.raises(ValidationError, match="LoRA adapter is small enough for DDP"):
+        settings(fsdp=True, finetuning_type="lora")

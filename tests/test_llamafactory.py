@@ -613,3 +613,15 @@ def test_eval_dataset_with_eval_strategy_steps(tmp_path, tiny_model_dir, tiny_da
     cfg = load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, eval_dataset="three",
                                               eval_strategy="steps", eval_steps=2)))
     assert (cfg.data.eval_dataset, cfg.train.eval_steps, cfg.eval.do_eval) == (["three"], 2, True)
+
+
+@pytest.mark.parametrize("value, expected", [("full_shard auto_wrap", True), (["shard_grad_op"], True),
+                                             ("", False), ("no_shard", False), (False, False)])
+def test_transformers_fsdp_options_map_to_train_fsdp(tmp_path, tiny_model_dir, tiny_data_dir, value, expected):
+    cfg = load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, fsdp=value, ddp_timeout=1800)))
+    assert cfg.train.fsdp is expected
+
+
+def test_unknown_fsdp_option_names_the_key(tmp_path, tiny_model_dir, tiny_data_dir):
+    with pytest.raises(ConfigError, match=r"fsdp \(line \d+\) -> train.fsdp: .*full_shard auto_wrap"):
+        load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, fsdp="zero3")))

@@ -1,0 +1,79 @@
+"""FSDP (`train.fsdp`): parameters, gradients and AdamW states sharded across the training processes.
+
+PyTorch's FSDP2 (`fully_shard`), one unit per decoder layer plus the root (embeddings, final norm,
+head), on the process group torchrun/accelerate set up (NCCL on GPUs, gloo on CPUs, so the CPU
+tests exercise the same code). The rest of the train stage stays as it is: the same batches per
+rank as DDP, the same checkpoint files. Checkpoints and the final model hold *full* tensors
+(gathered to rank 0 through `torch.distributed.checkpoint.state_dict`), so they load with
+`from_pretrained` and a resume re-shards them on any rank.
+
+With `torch_compile`, each decoder layer's forward is compiled (not the module call), so FSDP's
+all-gather hooks run outside the compiled graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def decoder_layers(model):
+    from ptflow.kernels import base_causal_lm
+
+    causal_lm = base_causal_lm(model)
+    return getattr(causal_lm, causal_lm.base_model_prefix).layers
+
+
+def shard(model, device: torch.device, world: int, bf16_autocast: bool) -> None:
+    """Shard `model` in place across `world` processes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    # bf16 autocast: gather bf16 copies of the fp32 master shards, reduce gradients in fp32
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_autocast \
+        else MixedPrecisionPolicy()
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # the last layer's parameters are needed again at once by backward: keep them gathered
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def compile_layers(model) -> str:
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, dynamic=False)
+    return "torch.compile (each decoder layer's forward, FSDP hooks eager)"
+
+
+def full_states(model, optimizer) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts on CPU (a collective: every rank calls it; rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def without_tied(model, state: dict) -> dict:
+    """A full state dict minus second names of shared parameters (tied embeddings), as save_pretrained expects."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    unique = {name for name, _ in model.named_parameters()}
+    return {name: tensor for name, tensor in state.items() if name not in every - unique}
+
+
+def trainable_only(model, state: dict) -> dict:
+    """The checkpointed subset of a full state dict: parameters that train (as checkpoint.trainable_state)."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: tensor.contiguous() for name, tensor in state.items() if name in names}
+
+
+def load_full_states(model, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Put full (unsharded) weights and optimizer state back into the sharded model on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over the shards (clipping when max_norm > 0), as a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

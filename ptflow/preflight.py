@@ -58,6 +58,7 @@ def preflight(config: RunConfig, source: str = "config") -> None:
         problems.append(f"output.output_dir: {out} is a file; give a folder path")
     else:
         problems += _writable(out, "output.output_dir")
+    problems += _outside_inputs(config, model_dir, layout, out)
     if config.output.push_to_hub and not problems:  # only worth a network call once everything else is right
         from ptflow.publish import check_access
 
@@ -85,10 +86,25 @@ def _evaluate_only(config: RunConfig, model_dir: Path | None) -> list[str]:
         if not weights or not ((model_dir / "config.json").is_file() or (model_dir / "adapter_config.json").is_file()):
             problems.append(f"model.model_name_or_path: {model_dir} has no saved model (config.json or "
                             "adapter_config.json, and *.safetensors) to evaluate with train.do_train: false")
-        out = Layout.resolve(config.store).output_dir(config.output.output_dir, config.run_name)
-        if out.resolve() == model_dir.resolve():
-            problems.append(f"output.output_dir: {out} is the model folder being evaluated; ptflow never writes into "
-                            "its inputs: choose another output_dir")
+    return problems
+
+
+def _outside_inputs(config: RunConfig, model_dir: Path | None, layout: Layout, out: Path) -> list[str]:
+    """ptflow never writes into its inputs: the output folder and the store may not lie inside the model or data
+    folder (exporting would replace the model's own files), nor the output folder inside the store's cache."""
+    inputs = [("model.model_name_or_path", model_dir), ("data.dataset_dir", Path(config.data.dataset_dir))]
+    problems = []
+    for key, target in (("output.output_dir", out), ("store", layout.root)):
+        target = target.expanduser().resolve()
+        for what, folder in inputs:
+            folder = folder.expanduser().resolve() if folder is not None else None
+            if folder is not None and (target == folder or folder in target.parents):
+                problems.append(f"{key}: {target} is inside {what} ({folder}); ptflow never writes into its inputs: "
+                                f"choose a {key.split('.')[-1]} outside it")
+    cache = layout.root / "cache"
+    if out.resolve() == cache or cache in out.resolve().parents:
+        problems.append(f"output.output_dir: {out} is inside the store's cache ({cache}), whose entries ptflow "
+                        "manages; choose an output_dir outside it")
     return problems
 
 

@@ -47,6 +47,16 @@ MIN_SHARD_BYTES = 1 << 20
 MAX_SHARD_BYTES = 32 << 20
 SHARDS_PER_FILE = 64
 
+# One document per line: a line longer than this (a runaway file, a missing newline) is refused
+# with its file:line instead of being read into memory whole. Lines are scanned in SCAN_BYTES
+# blocks, so memory stays bounded by the limit, not by the line. PTFLOW_MAX_LINE_BYTES overrides it.
+MAX_LINE_BYTES = 64 << 20
+SCAN_BYTES = 1 << 20
+
+
+def max_line_bytes() -> int:
+    return int(os.environ.get("PTFLOW_MAX_LINE_BYTES") or MAX_LINE_BYTES)
+
 
 @dataclass(frozen=True)
 class Source:
@@ -261,15 +271,37 @@ def _line_ranges(file: Path) -> list[tuple[int, int]]:
     ranges, start = [], 0
     with open(file, "rb") as f:
         while start < size:
-            if start + step >= size:
-                end = size
-            else:
-                f.seek(start + step)
-                f.readline()  # end each shard at a line break
-                end = min(f.tell(), size)
+            end = size if start + step >= size else _end_of_line(f, start + step, size)  # shards end at line breaks
             ranges.append((start, end))
             start = end
     return ranges or [(0, 0)]
+
+
+def _end_of_line(f, pos: int, size: int) -> int:
+    """Offset just past the first line break at or after `pos` (or the end), scanning in blocks."""
+    f.seek(pos)
+    scanned, cap = 0, max_line_bytes()
+    while block := f.read(SCAN_BYTES):
+        found = block.find(b"\n")
+        if found >= 0:
+            return pos + scanned + found + 1
+        scanned += len(block)
+        if scanned > cap:
+            raise _line_too_long(f.name, _count_lines(f.name, pos), cap)
+    return size
+
+
+def _line_too_long(file: str, line: int, cap: int) -> DataError:
+    return DataError(f"{file}:{line}: line is longer than {cap:,} bytes ({cap / (1 << 20):g} MiB), the limit for one "
+                     "document per line; it is not read into memory. Add the missing line breaks (split the document), "
+                     "or raise the limit with PTFLOW_MAX_LINE_BYTES")
+
+
+def _check_line(raw: bytes, file: str, line: int | None, offset: int, cap: int) -> bytes:
+    """`raw` as read with readline(cap + 1): refuse it when the line goes on past the limit."""
+    if len(raw) - raw.endswith(b"\n") > cap:
+        raise _line_too_long(file, line or _count_lines(file, offset), cap)
+    return raw
 
 
 def _group(sizes: list[int]) -> list[tuple[int, int]]:
@@ -344,11 +376,12 @@ def read_shard(shard: Shard, limit: int | None = None) -> list[str]:
 
 def _lines(shard: Shard, limit: int | None) -> Iterator[tuple[int | None, str]]:
     """(line number or None when not yet counted, text) of each line of a line-format shard."""
+    cap = max_line_bytes()
     if shard.compression:
         with _open_compressed(shard) as f:
             try:
-                for i, raw in enumerate(f, 1):
-                    yield i, _decode(raw, shard, i)
+                for i, raw in enumerate(iter(lambda: f.readline(cap + 1), b""), 1):
+                    yield i, _decode(_check_line(raw, shard.file, i, 0, cap), shard, i)
             except OSError as exc:
                 raise DataError(f"{shard.file}: not valid {shard.compression} data ({exc}); re-compress it") from None
         return
@@ -357,20 +390,36 @@ def _lines(shard: Shard, limit: int | None) -> Iterator[tuple[int | None, str]]:
         if limit is not None:  # a peek (pre-checks): read line by line, not the whole shard
             pos = shard.start
             while pos < shard.stop:
-                raw = f.readline()
+                raw = _check_line(f.readline(cap + 1), shard.file, None, pos, cap)
                 if not raw:
                     break
                 pos += len(raw)
                 yield None, _decode(raw, shard, None, pos - len(raw))
             return
         data = f.read(shard.stop - shard.start)
+    if len(data) > cap:  # only then can a line be over the limit (shards end at line breaks)
+        _check_lines(data, shard, cap)
     yield from ((None, line) for line in _decode(data, shard, None, shard.start).split("\n"))
 
 
+def _check_lines(data: bytes, shard: Shard, cap: int) -> None:
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        if end - start > cap:
+            raise _line_too_long(shard.file, _count_lines(shard.file, shard.start + start), cap)
+        start = end + 1
+
+
 def _line_number(shard: Shard, offset: int) -> int:
+    return _count_lines(shard.file, offset)
+
+
+def _count_lines(file: str, offset: int) -> int:
     """1-based line number of the byte at `offset` of an uncompressed file (counted only for an error message)."""
     count = 0
-    with open(shard.file, "rb") as f:
+    with open(file, "rb") as f:
         remaining = offset
         while remaining > 0:
             block = f.read(min(remaining, 1 << 24))

@@ -9,6 +9,7 @@ folder into place, so a crashed write is never mistaken for a finished one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import importlib
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ptflow import __version__, faults
-from ptflow.errors import StoreError
+from ptflow.errors import PtflowError, StoreError
 from ptflow.layout import MANIFEST, Layout
 
 log = logging.getLogger("ptflow.store")
@@ -118,16 +119,28 @@ class DigestMemo:
         return value
 
     def save(self) -> None:
+        """Best effort: a memo that cannot be written (disk full) only means re-hashing next time."""
         if self.dirty:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.path, self.memo)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.path, self.memo)
+            except (OSError, StoreError) as exc:
+                log.warning("could not save %s (%s); input digests will be recomputed next run", self.path,
+                            getattr(exc, "strerror", None) or exc)
             self.dirty = False
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        if disk_full(exc):
+            raise StoreError(f"the disk is full: no space left to write {path}. Free space on that disk or point "
+                             "`store:` (or PTFLOW_HOME) at a bigger one, then re-run.") from exc
+        raise
 
 
 def stage_key(components: dict[str, Any]) -> str:
@@ -235,6 +248,30 @@ def key_lock(layout: Layout, stage: str, key: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 1 << 20
+
+
+def disk_full(exc: BaseException | None, folder: Path | None = None) -> bool:
+    """Whether `exc` means "no space left on device": an OSError (or one that caused it) says so, or, for a
+    library error that hides it (torch.save reports "unexpected pos"), `folder`'s disk has under 1 MiB free."""
+    first, seen = exc, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    if folder is None or not isinstance(first, Exception) or isinstance(first, PtflowError):
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE
+
+
 def build_or_reuse(
     layout: Layout,
     stage: str,
@@ -276,14 +313,18 @@ def build_or_reuse(
                         "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ptflow": __version__}
             write_json_atomic(work / MANIFEST, manifest)
             os.replace(work, final)
-        except OSError as exc:
+        except BaseException as exc:
+            full = disk_full(exc, layout.stage_dir(stage))  # before cleaning up frees the space again
             if not resumable:
                 shutil.rmtree(work, ignore_errors=True)
-            raise StoreError(f"{stage}: writing the artifact under {layout.stage_dir(stage)} failed: "
-                             f"{exc.strerror or exc}. Free space or fix permissions, then re-run; "
-                             f"finished stages stay cached.") from exc
-        except BaseException:
-            if not resumable:
-                shutil.rmtree(work, ignore_errors=True)
-            raise
+            if not (full or isinstance(exc, OSError)) or (isinstance(exc, StoreError) and not full):
+                raise  # not a write problem, or a store error that already says what to do
+            if full:
+                kept = f"; its partial work in {work} is kept for the next attempt" if resumable else ""
+                raise StoreError(f"{stage}: the disk is full: no space left to write the artifact {final} "
+                                 f"(store {layout.root}){kept}. Free space on that disk or point `store:` "
+                                 f"(or PTFLOW_HOME) at a bigger one, then re-run; finished stages stay cached. "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+            raise StoreError(f"{stage}: writing the artifact {final} failed: {exc.strerror or exc}. "
+                             f"Free space or fix permissions, then re-run; finished stages stay cached.") from exc
     return _artifact(final, manifest, hit=False, reason=reason)

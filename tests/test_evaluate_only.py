@@ -79,7 +79,7 @@ def test_preflight_lists_what_an_evaluate_only_run_lacks(make_config, tiny_model
         preflight(config)
     problems = "\n".join(info.value.problems)
     for expected in ("would evaluate random weights", "set data.val_size", "has no saved model",
-                     "no model of its own to publish", "is the model folder being evaluated"):
+                     "no model of its own to publish", "is inside model.model_name_or_path"):
         assert expected in problems
     assert "HF_HUB_OFFLINE" not in problems  # no Hub check while other problems remain
 

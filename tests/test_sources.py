@@ -308,3 +308,53 @@ def test_hub_errors(tmp_path, hub_cache):
     assert "not in the local datasets cache and HF_HUB_OFFLINE=1 forbids downloading it" in message
     assert "entry 'bad_split'" in message and 'Unknown split "test"' in message
     assert "entry 'bad_column'" in message and "has no column 'content' (found: ['id', 'text'])" in message
+
+
+# --------------------------------------------------------------------------- overlong lines (bounded memory)
+
+
+LONG_LINE_FILES = {  # name -> content with an overlong document on line 3
+    "long.jsonl": jsonl(["a", "b"]) + json.dumps({"text": "x" * 5000}) + "\n" + jsonl(["c"]),
+    "long.txt": "a\nb\n" + "y" * 5000 + "\nc\n",
+}
+
+
+@pytest.fixture
+def small_line_limit(monkeypatch):
+    """A 1000-byte line limit and 256-byte scan blocks: the overlong line spans blocks and shards."""
+    monkeypatch.setenv("PTFLOW_MAX_LINE_BYTES", "1000")
+    monkeypatch.setattr(sources, "SCAN_BYTES", 256)
+
+
+@pytest.mark.parametrize("name", sorted(LONG_LINE_FILES))
+@pytest.mark.parametrize("shards", ["one shard", "small shards"])
+def test_overlong_line_is_refused_with_file_line_and_limit(tmp_path, small_line_limit, monkeypatch, name, shards):
+    if shards == "small shards":  # the line crosses a shard boundary: caught while planning, before reading
+        monkeypatch.setattr(sources, "MIN_SHARD_BYTES", 64)
+    path = tmp_path / name
+    path.write_text(LONG_LINE_FILES[name])
+    source = Source("d", (path,), "text", file_format(path).format)
+    pattern = rf"{name}:3: line is longer than 1,000 bytes .*PTFLOW_MAX_LINE_BYTES"
+    with pytest.raises(DataError, match=pattern):
+        [t for shard in plan_shards(source) for t in read_shard(shard)]
+    if shards == "small shards":  # pre-checks plan every file's shards, so they see it before any stage runs
+        with pytest.raises(DataError, match=pattern):
+            check_sources([source])
+    else:  # pre-checks read the first record only; tokenizing reads the rest and stops there
+        check_sources([source])
+
+
+def test_overlong_first_line_is_refused_by_the_peek_and_in_gzip(tmp_path, small_line_limit):
+    (tmp_path / "first.txt").write_text("z" * 5000 + "\nshort\n")
+    (tmp_path / "later.jsonl.gz").write_bytes(gzip.compress(LONG_LINE_FILES["long.jsonl"].encode()))
+    for name, line in (("first.txt", 1), ("later.jsonl.gz", 3)):
+        path = tmp_path / name
+        source = Source("d", (path,), "text", file_format(path).format)
+        with pytest.raises(DataError, match=rf"{name}:{line}: line is longer than 1,000 bytes"):
+            check_sources([source]) if line == 1 else [t for s in plan_shards(source) for t in read_shard(s)]
+
+
+def test_lines_at_the_limit_are_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTFLOW_MAX_LINE_BYTES", "1000")
+    (tmp_path / "edge.txt").write_text("q" * 1000 + "\n" + "r" * 1000)  # last line has no line break
+    assert texts_of(tmp_path / "edge.txt") == ["q" * 1000, "r" * 1000]

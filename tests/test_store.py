@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 import textwrap
 
@@ -128,16 +130,20 @@ def test_resumable_build_keeps_its_work_folder_after_a_crash(layout):
     assert entries(layout) == [key] and artifact.dir == layout.artifact(STAGE, key)
 
 
+def rewrite(path, edit, later: bool = False):
+    """Replace a file's bytes with edit(bytes); `later` also moves its mtime on, as a real edit would."""
+    st = path.stat()
+    path.write_bytes(edit(path.read_bytes()))
+    if later:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
 def damage_truncate(folder):
-    path = folder / "blocks.txt"
-    path.write_text(path.read_text()[:-3])
+    rewrite(folder / "blocks.txt", lambda data: data[:-3])
 
 
 def damage_same_size_edit(folder):
-    path = folder / "blocks.txt"
-    st = path.stat()
-    path.write_text(path.read_text().upper())
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    rewrite(folder / "blocks.txt", bytes.upper, later=True)
 
 
 def damage_delete_file(folder):
@@ -304,3 +310,152 @@ def test_layout_paths_and_remote_roots(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="remote stores are not supported yet"):
         Layout.resolve("s3://bucket/ptflow")
     assert not (tmp_path / "home").exists()  # nothing is created until a stage writes
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def fill_disk_in_build(monkeypatch):
+    def build(folder):
+        (folder / "blocks.txt").write_text("partial")
+        enospc()
+    return build
+
+
+def fill_disk_at_manifest(monkeypatch):
+    monkeypatch.setattr(store, "write_json_atomic", enospc)
+    return Builder()
+
+
+def fill_disk_inside_a_library(monkeypatch):
+    def build(folder):  # torch.save / safetensors report a full disk as their own error, caused by the OSError
+        (folder / "model.safetensors").write_bytes(b"\0" * 10)
+        try:
+            enospc()
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed") from exc
+    return build
+
+
+@pytest.mark.parametrize("fill", [fill_disk_in_build, fill_disk_at_manifest, fill_disk_inside_a_library])
+def test_disk_full_is_a_clear_store_error_and_leaves_nothing_half_written(layout, monkeypatch, fill):
+    from ptflow.errors import StoreError
+
+    earlier = build_or_reuse(layout, STAGE, components(cutoff_len=1), Builder())
+    key = stage_key(components())
+    with monkeypatch.context() as patch:
+        build = fill(patch)
+        with pytest.raises(StoreError) as info:
+            build_or_reuse(layout, STAGE, components(), build)
+    message = str(info.value)
+    assert message.startswith(f"{STAGE}: the disk is full: no space left to write the artifact "
+                              f"{layout.artifact(STAGE, key)} (store {layout.root}).")
+    assert "Free space on that disk or point `store:` (or PTFLOW_HOME) at a bigger one, then re-run" in message
+    assert entries(layout) == [earlier.key]  # no partial entry, no temp folder; the earlier entry is intact
+    assert store.check_files(earlier.dir, store.read_manifest(earlier.dir)) is None
+    assert build_or_reuse(layout, STAGE, components(cutoff_len=1), Builder()).hit
+
+    again = build_or_reuse(layout, STAGE, components(), Builder())  # space freed: the re-run builds it
+    assert not again.hit and again.reason == "changed config.cutoff_len: 1 -> 64"
+    assert entries(layout) == sorted([earlier.key, key])
+
+
+def torch_save_on_a_full_disk(folder):
+    (folder / "optimizer.pt").write_bytes(b"\0" * 10)
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # no errno at all
+
+
+@pytest.mark.parametrize("free, expected", [(4096, "StoreError"), (1 << 30, "RuntimeError")])
+def test_an_opaque_write_error_counts_as_disk_full_only_when_the_disk_is_full(layout, monkeypatch, free, expected):
+    real_statvfs = os.statvfs
+
+    def statvfs(path):
+        st = real_statvfs(path)
+        return os.statvfs_result((st.f_bsize, 1, st.f_blocks, free, free, *st[5:]))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    with pytest.raises(Exception) as info:
+        build_or_reuse(layout, STAGE, components(), torch_save_on_a_full_disk)
+    assert type(info.value).__name__ == expected
+    if expected == "StoreError":
+        assert "the disk is full" in str(info.value) and "(RuntimeError: [enforce fail" in str(info.value)
+    assert entries(layout) == []
+
+
+def test_disk_full_in_a_resumable_build_keeps_its_checkpoints(layout):
+    from ptflow.errors import StoreError
+
+    def build(folder):
+        (folder / "checkpoint-2").mkdir()
+        enospc()
+
+    with pytest.raises(StoreError, match=r"the disk is full: .*its partial work in .*\.work is kept"):
+        build_or_reuse(layout, STAGE, components(), build, resumable=True)
+    assert entries(layout) == [f"{stage_key(components())}.work"]
+
+
+def test_a_full_disk_never_leaves_a_torn_json_file(layout, tmp_path, monkeypatch):
+    from ptflow.errors import StoreError
+
+    target = tmp_path / "index.json"
+    monkeypatch.setattr(os, "replace", enospc)
+    with pytest.raises(StoreError, match=rf"the disk is full: no space left to write {target}\. Free space"):
+        store.write_json_atomic(target, {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+    data = tmp_path / "data.txt"
+    data.write_text("x")
+    memo = DigestMemo(layout)
+    memo.digest(data)
+    memo.save()  # best effort: a memo that cannot be saved only costs re-hashing next run
+    assert not memo.path.exists()
+
+
+# --------------------------------------------------------------------------- damage to real artifact files
+
+
+def write_weights_and_blocks(folder):
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(64, dtype=torch.float32).reshape(8, 8)}, str(folder / "model.safetensors"))
+    np.save(folder / "train.npy", np.arange(4 * 16, dtype=np.uint16).reshape(4, 16))
+    return {}
+
+
+def truncate_safetensors(folder):
+    rewrite(folder / "model.safetensors", lambda data: data[:-16])
+
+
+def flip_token(data: bytes) -> bytes:
+    """Token [2, 5] (37) of the 4x16 uint16 blocks becomes 36: the array is the file's last 128 bytes."""
+    data = bytearray(data)
+    data[len(data) - 128 + 37 * 2] ^= 1
+    return bytes(data)
+
+
+def edit_packed_token(folder):
+    rewrite(folder / "train.npy", flip_token, later=True)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (truncate_safetensors, r"model\.safetensors has \d+ bytes, expected \d+"),
+    (edit_packed_token, r"train\.npy content changed \(sha256 mismatch\)"),
+])
+def test_truncated_weights_and_edited_packed_data_are_rebuilt(layout, damage, problem):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    first = build_or_reuse(layout, STAGE, components(), write_weights_and_blocks)
+    damage(first.dir)
+    assert not store.is_cached(layout, STAGE, components())
+    rebuilt = build_or_reuse(layout, STAGE, components(), write_weights_and_blocks)
+    assert not rebuilt.hit and re.fullmatch(rf"cached entry is damaged \({problem}\); rebuilding it", rebuilt.reason)
+    assert rebuilt.digest == first.digest
+    assert load_file(str(rebuilt.dir / "model.safetensors"))["w"].shape == (8, 8)
+    assert int(np.load(rebuilt.dir / "train.npy")[2, 5]) == 2 * 16 + 5

@@ -1,0 +1,51 @@
+"""Exporting artifacts into output_dir: hard links, replaced atomically, safe when two runs export at once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+from ptflow.outputs import export
+from ptflow.store import build_or_reuse
+
+
+def many_files(folder):
+    for i in range(300):
+        (folder / f"f{i:03d}.txt").write_text(f"file {i}\n")
+    return {}
+
+
+def test_two_exports_into_one_folder_at_once_both_succeed(layout, tmp_path):
+    artifact = build_or_reuse(layout, "demo", {"n": 300}, many_files)
+    out = tmp_path / "out"
+    for _ in range(5):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        start, errors = threading.Barrier(2), []
+
+        def run():
+            start.wait()
+            try:
+                export(artifact, out)
+            except BaseException as exc:  # noqa: BLE001 - the test reports whatever a racing export raises
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in artifact.dir.glob("f*.txt"))
+        assert all(os.path.samefile(out / name, artifact.dir / name) for name in ("f000.txt", "f299.txt"))
+
+
+def test_export_replaces_a_stale_file_with_a_link(layout, tmp_path):
+    artifact = build_or_reuse(layout, "demo", {"n": 300}, many_files)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f001.txt").write_text("an older run's file\n")
+    export(artifact, out)
+    assert os.path.samefile(out / "f001.txt", artifact.dir / "f001.txt")
+    assert (out / "f001.txt").read_text() == "file 1\n"

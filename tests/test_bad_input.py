@@ -96,6 +96,12 @@ CASES = {
     "negative learning rate": (edit(train__learning_rate=-1), r"train\.learning_rate.*got -1; expected greater than 0"),
     "val_size neither fraction nor count": (edit(data__val_size=1.5), r"data\.val_size.*got 1\.5; use a fraction below 1"),
     "max_steps zero": (edit(train__max_steps=0), r"max_steps must be a positive number of steps, or -1"),
+    "streaming without max_steps": (edit(data__streaming=True, data__val_size=0, train__max_steps=DELETE),
+                                    r"train\.max_steps: a stream's length is unknown.*needs train\.max_steps"),
+    "streaming with a fractional val_size": (edit(data__streaming=True),
+                                             r"data\.val_size: 0\.1 is a fraction.*give a count of blocks"),
+    "fsdp with one process": (edit(train__fsdp=True, train__num_processes=1),
+                              r"train\.fsdp shards across processes, but num_processes is 1"),
     "unknown scheduler": (edit(train__lr_scheduler_type="cosinus"), r"train\.lr_scheduler_type.*got 'cosinus'; "
                                                                     r"expected 'linear', 'cosine'"),
     "unknown finetuning type": (edit(train__finetuning_type="qlora"), r"train\.finetuning_type.*got 'qlora'"),

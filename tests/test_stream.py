@@ -283,3 +283,20 @@ def test_a_checkpoint_without_a_data_cursor_is_refused_for_a_stream(tiny_model_d
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="has no data cursor"):
         train(scratch, stream_train(), tokenizer_artifact, streamed, layout)
+
+
+def test_parquet_and_gzip_sources_stream_the_same_blocks(tmp_path, two_corpora, tok):
+    """Columnar (row-group shards) and compressed (whole-file shard) files stream like jsonl."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [json.loads(line)["text"] for line in (two_corpora / "b.jsonl").read_text().splitlines()]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "b.parquet", row_group_size=7)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress((two_corpora / "b.jsonl").read_bytes()))
+    write_dataset_info(tmp_path, {"pq": {"file_name": "b.parquet"}, "gz": {"file_name": "b.jsonl.gz"}})
+    want, _ = reference(documents(two_corpora, "b", tok))
+    for name in ("pq", "gz"):
+        with BlockStream(plan_for(tmp_path, dataset=name), tok) as stream:
+            np.testing.assert_array_equal(stream.take(len(want))[0], want, err_msg=name)

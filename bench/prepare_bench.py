@@ -100,6 +100,11 @@ def run_ptflow(data: Path, tokenizer: Path, cutoff: int, workers: int, store: Pa
     from ptflow.layout import Layout
     from ptflow.store import Artifact, files_digest
 
+    # prepare_dataset imports transformers lazily (to load the tokenizer); import it before the clock starts,
+    # as run_lf does, so both sides time the work and not the imports (on the GPU image this pulls in torch:
+    # about 9 s there, measured 2026-11-25).
+    from transformers import AutoTokenizer  # noqa: F401
+
     digest, _ = files_digest(tokenizer)
     tok = Artifact("load_tokenizer", "bench", str(tokenizer), digest)
     layout = Layout(store)
@@ -207,7 +212,18 @@ def child(args) -> None:
             result["cpu_seconds"] = _cpu() - before
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        _reap_fork_server()
     print("RESULT " + json.dumps(result))
+
+
+def _reap_fork_server() -> None:
+    """Stop and wait for multiprocessing's fork server (ptflow's tokenizer workers are its children), so the CPU
+    time of the workers it reaped is counted in this process tree's rusage."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # private, Python >= 3.9
+    if stop is not None:
+        stop()
 
 
 # --------------------------------------------------------------------------- driver

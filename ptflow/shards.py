@@ -200,6 +200,17 @@ def _work(task: ShardTask) -> ShardResult:
     return tokenize_shard(_WORKER["layout"], task, _WORKER["encoder"], _WORKER["encoding"])
 
 
+def worker_context():
+    """Start method for tokenizer processes: a fork server (forked from a small process that imported only this
+    module: quick to start even beside a parent holding torch and CUDA), else spawn. Never plain fork: the
+    parent is threaded (Prefect, Rust pools)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["ptflow.shards"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -295,7 +306,7 @@ def _run_inline(layout, tasks, results, todo, limits, encoding, tokenizer, _work
 
 
 def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, workers) -> None:
-    context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded parent (Prefect, Rust pools)
+    context = worker_context()
     progress = _progress(sum(tasks[n][i].size for n, i in todo))
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                initargs=(str(layout.root), encoding))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ptflow.errors import DataError
-from ptflow.shards import Encoder, Encoding, encode_texts, encoding_for
+from ptflow.shards import Encoder, Encoding, encode_texts, encoding_for, worker_context
 from ptflow.sources import Shard, Source, plan_shards, read_shard
 
 log = logging.getLogger("ptflow.stream")
@@ -178,7 +177,7 @@ class BlockStream:
         self.encoder = Encoder(backend) if backend is not None else Encoder(slow_tokenizer=tokenizer)
         self.pool = None
         if workers > 0 and self.encoding.tokenizer_json is not None:
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+            self.pool = ProcessPoolExecutor(workers, mp_context=worker_context(),
                                             initializer=_init_worker, initargs=(self.encoding,))
         self.lookahead = lookahead or max(2, 2 * workers)
         self.pending: deque[tuple[int, int, Future | None]] = deque()  # (pass, shard index, tokens when pooled)

@@ -122,13 +122,13 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     from ptflow.tokenizer import open_tokenizer
 
     launched = time.perf_counter()
+    if model_section.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise TrainingError("model.attn_implementation: flex_attention trains only on a CUDA GPU (PyTorch has no "
+                            "CPU backward for it); use sdpa here or run the train stage on a GPU worker")
     # Precision is ours (autocast or pure bf16), not accelerate's wrapper; cpu=True lets torchrun ranks use gloo.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     fingerprint = {**fingerprint, "world_size": world}
-    if model_section.attn_implementation == "flex_attention" and device.type != "cuda":
-        raise TrainingError(f"model.attn_implementation: flex_attention trains only on a CUDA GPU (PyTorch has no "
-                            f"{device.type} backward for it); use sdpa here or run the train stage on a GPU worker")
     set_seed(seed)
     plan = StreamPlan.load(dataset.path) if is_streamed(dataset.path) else None
     if plan is not None:

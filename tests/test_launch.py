@@ -93,3 +93,18 @@ def test_fsdp_with_one_process_or_lora_is_refused():
         settings(fsdp=True, num_processes=1)
     with pytest.raises(ValidationError, match="LoRA adapter is small enough for DDP"):
         settings(fsdp=True, finetuning_type="lora")
+
+
+def test_a_stream_trains_the_same_on_two_processes(tiny_model_dir, tokenizer_artifact, tiny_data_dir, session_layout,
+                                                   tmp_path):
+    """Every rank reads the whole stream and keeps its rows: 2 x 2 blocks per step = 1 x 4, loss for loss."""
+    streamed = prepare_dataset(DataSection(dataset="stdlib_docs", dataset_dir=str(tiny_data_dir), cutoff_len=32,
+                                           streaming=True), tokenizer_artifact, session_layout)
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    two = train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, streamed,
+                Layout(tmp_path / "a"))
+    one = train(model, settings(num_processes=1, per_device_train_batch_size=4), tokenizer_artifact, streamed,
+                Layout(tmp_path / "b"))
+    assert [r["loss"] for r in log_of(two)] == pytest.approx([r["loss"] for r in log_of(one)], abs=2e-4)
+    cursor = json.loads((two.dir / "checkpoint-3" / "ptflow_checkpoint.json").read_text())["data_cursor"]
+    assert cursor["offset"] == 3 * 4 * 32  # three steps of four 32-token blocks, whichever rank wrote it

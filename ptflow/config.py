@@ -95,9 +95,13 @@ class DataSection(Section):
         "<split>_doc_starts.npy) so training can block attention across documents and restart positions."
     )
     streaming: bool = Field(
-        False, description="Tokenize and pack while training, in reading order, storing no tokens (for corpora "
-        "larger than the disk). Needs train.max_steps; val_size must be a count (the first blocks); datasets are "
-        "read one after the other (concat). Resumes from the checkpoint's data cursor without re-reading."
+        False, description="Tokenize and pack while training, storing no tokens (for corpora larger than the "
+        "disk). Needs train.max_steps; val_size must be a count (the first blocks); datasets are read one after the "
+        "other (concat). Resumes from the checkpoint's data cursor without re-reading."
+    )
+    shuffle_shards: bool = Field(
+        True, description="streaming: read the shards (up to 32 MiB pieces of the files) of each pass in a seeded "
+        "random order, different every pass (resumable); false reads the files in order."
     )
     preprocessing_num_workers: int | None = Field(
         None, ge=1, description="Processes that tokenize shards in parallel; default every available core. The result "
@@ -157,6 +161,9 @@ class DataSection(Section):
             if not self.packing:
                 problems.append("data.packing: false is not available with streaming: true (a stream is packed "
                                 "into cutoff_len blocks); set packing: true")
+            if self.max_samples is not None and self.shuffle_shards:
+                problems.append("data.max_samples keeps each streamed dataset's first documents, which needs the "
+                                "files read in order; set data.shuffle_shards: false (or remove max_samples)")
         if self.doc_mask and not self.packing:
             problems.append("data.doc_mask marks documents inside packed blocks; with packing: false every block "
                             "is one document already: remove doc_mask or set packing: true")
@@ -169,6 +176,8 @@ class DataSection(Section):
         fields = self.model_dump(mode="json")
         for name in ("preprocessing_num_workers", "preprocessing_batch_size"):
             fields.pop(name)
+        if not self.streaming:
+            fields.pop("shuffle_shards")  # only read by a stream
         return fields
 
     @field_validator("val_size")

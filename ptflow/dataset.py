@@ -93,7 +93,8 @@ def _components(section: "DataSection", resolved: tuple[list[Source], list[Sourc
 
 def _uses_seed(section: "DataSection", sources: list[Source]) -> bool:
     random_mix = section.mix_strategy != "concat" and section.interleave_probs is not None
-    return bool(section.val_size) or random_mix or any(s.num_samples is not None for s in sources)
+    shuffled_stream = section.streaming and section.shuffle_shards
+    return bool(section.val_size) or random_mix or shuffled_stream or any(s.num_samples is not None for s in sources)
 
 
 def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout, seed: int = 42) -> Artifact:
@@ -162,7 +163,7 @@ def _check_streamable(sources: list[Source]) -> None:
 def _build_stream(folder: Path, section: "DataSection", train_sources: list[Source], eval_sources: list[Source],
                   tok, tokenizer_digest: str, layout: Layout, seed: int) -> dict:
     """Streaming: write the stream plan and the eval blocks; the train stage tokenizes the rest as it goes."""
-    plan = StreamPlan.for_sources(train_sources, section)
+    plan = StreamPlan.for_sources(train_sources, section, seed)
     if eval_sources:
         shards = tokenize_sources(eval_sources, {s.name: plan_shards(s) for s in eval_sources}, tok, tokenizer_digest,
                                   layout, workers=section.preprocessing_num_workers or default_workers(),

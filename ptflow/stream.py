@@ -1,16 +1,17 @@
-"""Streaming mode (`data.streaming: true`): tokenize and pack while training, in reading order, nothing stored.
+"""Streaming mode (`data.streaming: true`): tokenize and pack while training, nothing stored.
 
 For corpora larger than the disk the token cache would need. `prepare_dataset` checks the sources
-and writes a *stream plan* (`stream.json`: every shard of every file in reading order, each file's
-size and mtime) plus the held-out eval blocks; the train stage then reads shards, tokenizes them
-in worker processes a few shards ahead, concatenates the documents (each followed by EOS) and
-cuts `cutoff_len` blocks, exactly as non-streamed packing would.
+and writes a *stream plan* (`stream.json`: every shard of every file, each file's size and mtime)
+plus the held-out eval blocks (the first blocks in file order); the train stage then reads shards,
+tokenizes them in worker processes a few shards ahead, concatenates the documents (each followed
+by EOS) and cuts `cutoff_len` blocks as non-streamed packing does. Each pass reads the training
+shards in a seeded random order (`shuffle_shards`, a new order per pass) or in file order.
 
-Resuming needs no replay: a `Cursor` (pass over the stream, shard index, tokens of that shard
-already consumed, documents of its dataset before it) is saved in every checkpoint; a resumed
-run re-reads only the one shard the cursor points into and drops the consumed tokens. At the end
-of the plan the final partial block is dropped and the next pass starts at the first shard, so
-`max_steps` decides how long training runs. Datasets are read one after the other (concat);
+Resuming needs no replay: a `Cursor` (pass, shard index, tokens of that shard already consumed,
+documents of its dataset before it) is saved in every checkpoint; a resumed run recomputes the
+pass's order, re-reads only the one shard the cursor points into and drops the consumed tokens.
+At the end of a pass the final partial block is dropped and the next pass starts, so `max_steps`
+decides how long training runs. In file order datasets are read one after the other (concat) and
 `max_samples` keeps the first N documents of each.
 
     stream = BlockStream(StreamPlan.load(folder), tokenizer_dir, cursor, workers=2)
@@ -24,7 +25,7 @@ import logging
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +75,10 @@ class StreamPlan:
     doc_mask: bool
     batch_size: int
     start: Cursor = field(default_factory=Cursor)  # after the held-out val_size blocks
+    shuffle_seed: int | None = None  # shards of each pass in a seeded random order; None: in order
 
     @classmethod
-    def for_sources(cls, sources: list[Source], section) -> "StreamPlan":
+    def for_sources(cls, sources: list[Source], section, seed: int = 42) -> "StreamPlan":
         shards = [shard for source in sources for shard in plan_shards(source)]
         files = {}
         for source in sources:
@@ -84,19 +86,28 @@ class StreamPlan:
                 stat = Path(file).stat()
                 files[str(file)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         return cls(shards, {s.name: section.max_samples for s in sources}, files, section.cutoff_len,
-                   section.doc_mask, section.preprocessing_batch_size)
+                   section.doc_mask, section.preprocessing_batch_size,
+                   shuffle_seed=seed if getattr(section, "shuffle_shards", False) else None)
+
+    def order(self, epoch: int) -> list[int]:
+        """The shards pass `epoch` reads, in order: those from the training start on (earlier ones hold only
+        held-out blocks), permuted by (seed, pass) when shuffling."""
+        shards = list(range(self.start.shard, len(self.shards)))
+        if self.shuffle_seed is None:
+            return shards
+        return [shards[i] for i in np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(shards))]
 
     def save(self, folder: Path) -> None:
         data = {"shards": [asdict(s) for s in self.shards], "limits": self.limits, "files": self.files,
                 "cutoff_len": self.cutoff_len, "doc_mask": self.doc_mask, "batch_size": self.batch_size,
-                "start": self.start.to_json()}
+                "start": self.start.to_json(), "shuffle_seed": self.shuffle_seed}
         (Path(folder) / PLAN_FILE).write_text(json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, folder: str | Path) -> "StreamPlan":
         data = json.loads((Path(folder) / PLAN_FILE).read_text())
         return cls([Shard(**s) for s in data["shards"]], data["limits"], data["files"], data["cutoff_len"],
-                   data["doc_mask"], data["batch_size"], Cursor.from_json(data["start"]))
+                   data["doc_mask"], data["batch_size"], Cursor.from_json(data["start"]), data.get("shuffle_seed"))
 
     def check_unchanged(self) -> None:
         """Files must be as planned: the dataset's key (hence the run's) was computed from their bytes."""
@@ -157,6 +168,7 @@ class _Piece:
     ends: np.ndarray  # document ends within `tokens`
     offset: int
     docs_before: int
+    first: int  # the offset it was read from
 
     @property
     def left(self) -> int:
@@ -181,13 +193,20 @@ class BlockStream:
                                             initializer=_init_worker, initargs=(self.encoding,))
         self.lookahead = lookahead or max(2, 2 * workers)
         self.pending: deque[tuple[int, int, Future | None]] = deque()  # (pass, shard index, tokens when pooled)
-        self.next_epoch, self.next_shard = self.start.epoch, self.start.shard
+        self.orders: dict[int, list[int]] = {}
         self.epoch = self.start.epoch  # the pass the next block belongs to
+        self.next_epoch, self.next_pos = self.start.epoch, 0
+        self.entry: Cursor | None = None  # applied to the next shard read: the resume point
+        if cursor is not None:  # resuming: the cursor's shard, part way in
+            order = self._order(cursor.epoch)
+            if cursor.shard not in order:
+                raise DataError(f"data cursor {cursor} points at shard {cursor.shard}, which this stream does not "
+                                "train on; the dataset changed since the checkpoint was written")
+            self.next_pos, self.entry = order.index(cursor.shard), cursor
         self.piece: _Piece | None = None
-        self.entry: Cursor | None = self.start  # applied to the next shard read: resume point or start of a pass
         self.docs_seen: dict[str, int] = {}  # documents of each dataset read so far in the current pass
         self.blocks_this_pass = 0
-        self.whole_pass = self.start == plan.start.again(self.start.epoch)  # whether this pass is read from its start
+        self.whole_pass = self.entry is None  # whether this pass is read from its start
 
     def close(self) -> None:
         if self.pool is not None:
@@ -200,6 +219,12 @@ class BlockStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self.orders:
+            self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
+            self.orders[epoch] = self.plan.order(epoch)
+        return self.orders[epoch]
+
     def _full(self, source: str) -> bool:
         limit = self.plan.limits.get(source)
         return limit is not None and self.docs_seen.get(source, 0) >= limit
@@ -207,11 +232,12 @@ class BlockStream:
     def _submit(self) -> None:
         """Queue the next shards (tokenized ahead by the pool), skipping datasets that reached max_samples."""
         while len(self.pending) < self.lookahead:
-            index, epoch = self.next_shard, self.next_epoch
+            epoch, order = self.next_epoch, self._order(self.next_epoch)
+            index = order[self.next_pos]
             shard = self.plan.shards[index]
-            self.next_shard += 1
-            if self.next_shard == len(self.plan.shards):  # the next pass starts where training data starts
-                self.next_epoch, self.next_shard = epoch + 1, self.plan.start.shard
+            self.next_pos += 1
+            if self.next_pos == len(order):
+                self.next_epoch, self.next_pos = epoch + 1, 0
             if epoch == self.epoch and self.entry is None and self._full(shard.source):
                 continue  # holds no wanted document
             future = self.pool.submit(_encode_in_worker, shard) if self.pool is not None else None
@@ -226,7 +252,9 @@ class BlockStream:
         self.pending.popleft()
         shard = self.plan.shards[index]
         entry, self.entry = self.entry, None
-        if entry is not None:  # the cursor's shard: its dataset had docs_before documents already
+        if entry is None and index == self.plan.start.shard:  # the held-out blocks come first in this shard
+            entry = self.plan.start
+        if entry is not None:  # its dataset had docs_before documents already (max_samples reads in order)
             self.docs_seen = {shard.source: entry.docs_before}
         before = self.docs_seen.get(shard.source, 0)
         limit = self.plan.limits.get(shard.source)
@@ -244,7 +272,7 @@ class BlockStream:
         if offset > len(tokens):
             raise DataError(f"{shard.where}: the checkpoint's data cursor points {offset} tokens into this shard but "
                             f"it has {len(tokens)}; the file changed since the checkpoint was written")
-        return _Piece(index, epoch, tokens, ends, offset, before)
+        return _Piece(index, epoch, tokens, ends, offset, before, offset)
 
     def _end_pass(self) -> None:
         if self.blocks_this_pass == 0 and self.whole_pass:
@@ -256,7 +284,6 @@ class BlockStream:
         self.blocks_this_pass = 0
         self.docs_seen = {}
         self.piece = None
-        self.entry = self.plan.start.again(self.epoch)
         self.whole_pass = True
 
     def take(self, n: int) -> tuple[np.ndarray, list[np.ndarray] | None, Cursor]:
@@ -279,8 +306,8 @@ class BlockStream:
                 if starts is not None:
                     ends = piece.ends[(piece.ends > piece.offset) & (piece.ends < piece.offset + take)]
                     block_starts.extend((ends - piece.offset + filled).tolist())
-                    if filled and piece.offset == 0:
-                        block_starts.append(filled)  # a shard begins with a new document
+                    if filled and piece.offset == piece.first:
+                        block_starts.append(filled)  # another shard: another document
                 piece.offset += take
                 filled += take
             if filled < length:
@@ -295,14 +322,15 @@ class BlockStream:
         """Where the next block starts."""
         piece = self.piece
         if piece is None:
-            return Cursor(self.epoch, self.pending[0][1] if self.pending else self.next_shard, 0, 0)
+            return self.start
         return Cursor(piece.epoch, piece.index, piece.offset, piece.docs_before)
 
 
 def hold_out(plan: StreamPlan, tokenizer, n_blocks: int) -> tuple[np.ndarray, list[np.ndarray] | None]:
-    """The first `n_blocks` blocks of the stream (val_size as a count), moving `plan.start` past them, and a check
-    that at least one training block follows."""
-    with BlockStream(plan, tokenizer) as stream:
+    """The first `n_blocks` blocks of the files in order (val_size as a count), moving `plan.start` past them, and a
+    check that at least one training block follows."""
+    in_order = replace(plan, shuffle_seed=None)
+    with BlockStream(in_order, tokenizer) as stream:
         blocks, starts, cursor = stream.take(n_blocks) if n_blocks else (
             np.zeros((0, plan.cutoff_len), dtype=np.dtype(stream.encoding.dtype)), [] if plan.doc_mask else None,
             plan.start)
@@ -312,5 +340,5 @@ def hold_out(plan: StreamPlan, tokenizer, n_blocks: int) -> tuple[np.ndarray, li
         if stream.epoch > 0:
             raise DataError(f"data.val_size: {n_blocks} held-out blocks leave less than one training block in the "
                             "stream; lower val_size or add data")
-    plan.start = cursor
+    plan.start = Cursor(0, cursor.shard, cursor.offset, cursor.docs_before)
     return blocks, starts

@@ -47,7 +47,9 @@ def small_shards(monkeypatch):
 
 
 def section(data_dir, **kw) -> DataSection:
-    return DataSection(**{"dataset": "a,b", "dataset_dir": str(data_dir), "cutoff_len": L, "streaming": True, **kw})
+    """In file order unless a test asks for shuffle_shards (so blocks compare with packing)."""
+    return DataSection(**{"dataset": "a,b", "dataset_dir": str(data_dir), "cutoff_len": L, "streaming": True,
+                          "shuffle_shards": False, **kw})
 
 
 def documents(data_dir, names, tok, limit=None) -> list[list[int]]:
@@ -68,7 +70,7 @@ def reference(docs: list[list[int]]) -> tuple[np.ndarray, list[list[int]]]:
 
 def plan_for(data_dir, **kw) -> StreamPlan:
     s = section(data_dir, **kw)
-    return StreamPlan.for_sources(resolve_sources(s), s)
+    return StreamPlan.for_sources(resolve_sources(s), s, seed=7)
 
 
 def test_streamed_blocks_equal_packed_blocks_across_shards_and_datasets(two_corpora, tok, small_shards):
@@ -100,6 +102,45 @@ def test_resuming_from_any_cursor_continues_the_same_blocks(two_corpora, tok, sm
             rest = resumed.take(len(whole) - done)
         np.testing.assert_array_equal(rest[0], whole[done:], err_msg=f"resumed at {cursor}")
         assert rest[2] == chunks[-1][2]
+
+
+def test_shuffled_passes_read_every_training_shard_once_in_a_new_order(two_corpora, tok, small_shards):
+    plan = plan_for(two_corpora, shuffle_shards=True)
+    held, _ = hold_out(plan, tok, 100)  # the first blocks in file order; training starts inside a later shard
+    assert plan.start.shard > 0
+    first, second = plan.order(0), plan.order(1)
+    assert sorted(first) == sorted(second) == list(range(plan.start.shard, len(plan.shards)))
+    assert first != second and first != sorted(first)
+    docs = documents(two_corpora, "ab", tok)
+    want, _ = reference(docs)
+    np.testing.assert_array_equal(held, want[:100])
+    training_tokens = np.array([t for d in docs for t in d])[100 * L:]  # everything after the held-out blocks
+    pass_one = []
+    with BlockStream(plan, tok) as stream:
+        while True:
+            block = stream.take(1)[0]
+            if stream.epoch == 1:
+                break
+            pass_one.append(block)
+    assert len(pass_one) == len(training_tokens) // L  # every training token once, only a final partial dropped
+    counts = np.bincount(np.concatenate(pass_one).ravel(), minlength=4096)
+    missing = np.bincount(training_tokens, minlength=4096) - counts
+    assert missing.min() >= 0 and missing.sum() == len(training_tokens) % L
+    assert not {bytes(b) for b in pass_one} & {bytes(b) for b in held}  # held-out blocks are never trained on
+
+
+def test_a_shuffled_stream_resumes_exactly_across_passes(two_corpora, tok, small_shards):
+    plan = plan_for(two_corpora, shuffle_shards=True)
+    hold_out(plan, tok, 5)
+    with BlockStream(plan, tok) as stream:
+        chunks = [stream.take(n) for n in (300, 900, 700, 400)]  # crosses into the second pass
+    assert chunks[-1][2].epoch >= 1
+    whole = np.concatenate([c[0] for c in chunks])
+    done = 0
+    for blocks, _, cursor in chunks[:-1]:
+        done += len(blocks)
+        with BlockStream(plan, tok, cursor) as resumed:
+            np.testing.assert_array_equal(resumed.take(len(whole) - done)[0], whole[done:], err_msg=str(cursor))
 
 
 def test_resume_reads_only_the_cursors_shard(two_corpora, tok, small_shards, monkeypatch):

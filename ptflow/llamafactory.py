@@ -200,8 +200,8 @@ RULES: dict[str, Rule] = {
     **_ignored("data", "the content-addressed store re-tokenizes exactly when the data files, tokenizer or data "
                "config change; orchestration.force: [prepare_dataset] forces it", overwrite_cache=False,
                tokenized_path=None),
-    **_ignored("data", "a stream is read in order (so a resume seeks without replay): there is no shuffle buffer",
-               buffer_size=16384),
+    **_ignored("data", "a stream shuffles whole shards per pass (data.shuffle_shards, so a resume seeks without "
+               "replay), not examples in a buffer", buffer_size=16384),
     **_ignored("data", "one eval_loss over all held-out blocks is reported", eval_on_each_dataset=False),
     **_ignored("data", "sft/multimodal settings, unused by pt", media_dir=None, image_dir=None, tool_format=None,
                eval_num_beams=None, ignore_pad_token_for_loss=True, default_system=None, enable_thinking=True),
@@ -326,9 +326,10 @@ DIFFERENCES: dict[str, str] = {
     "packing": "true (pt's default in both): text + EOS concatenated and cut into blocks, the EOS is trained on, and "
                "only the corpus' final partial block is dropped (LLaMA-Factory drops the remainder of every "
                "preprocessing batch); false: each document truncated to cutoff_len",
-    "streaming": "true tokenizes and packs while training, in reading order (LLaMA-Factory shuffles examples in a "
-                 "buffer_size buffer), datasets one after the other, and resumes from the checkpoint's data cursor "
-                 "without re-reading; false (default) tokenizes each file once into the shard cache",
+    "streaming": "true tokenizes and packs while training, shards in a seeded order per pass (LLaMA-Factory "
+                 "shuffles examples in a buffer_size buffer), and resumes from the checkpoint's data cursor without "
+                 "re-reading; max_samples needs shuffle_shards: false; false (default) tokenizes each file once "
+                 "into the shard cache",
     "preprocessing_batch_size": "documents per tokenizer call only: no remainder is dropped per batch, so the blocks "
                                 "do not depend on it",
     "preprocessing_num_workers": "default every core (LLaMA-Factory: one process); the blocks do not depend on it",

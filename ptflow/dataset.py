@@ -111,26 +111,16 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
         tok = open_tokenizer(tokenizer.path)
         if section.streaming:
             return _build_stream(folder, section, train_sources, eval_sources, tok, tokenizer.digest, layout, seed)
-        sources = _unique(train_sources + eval_sources)
-        limits = {s.name: section.max_samples for s in sources if s.num_samples is None}
-        shards = tokenize_sources(sources, {s.name: plan_shards(s) for s in sources}, tok, tokenizer.digest, layout,
-                                  workers=section.preprocessing_num_workers or default_workers(),
-                                  batch_size=section.preprocessing_batch_size, doc_limits=limits)
+        shards = _tokenize(_unique(train_sources + eval_sources), section, tok, tokenizer.digest, layout)
         dtype = token_dtype(len(tok))
         train = _assemble(train_sources, shards, section, seed, dtype, section.mix_strategy)
-        stats: dict = {"cutoff_len": section.cutoff_len, "packing": section.packing, "doc_mask": section.doc_mask,
-                       "mix_strategy": section.mix_strategy, "dtype": dtype.name,
-                       "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        stats = _packing_stats(section, tok)
         train_rows = _rows(train, section, tok.pad_token_id)
         if not len(train_rows.blocks):
             raise DataError(f"data.dataset: {train.total} tokens make no block of cutoff_len={section.cutoff_len}; "
                             "add data or lower data.cutoff_len")
         if eval_sources:
-            held = _assemble(eval_sources, shards, section, seed, dtype, "concat")  # eval data: in order
-            eval_rows = _rows(held, section, tok.pad_token_id)
-            if not len(eval_rows.blocks):
-                raise DataError(f"data.eval_dataset: {held.total} tokens make no block of cutoff_len="
-                                f"{section.cutoff_len}; add eval data or lower data.cutoff_len")
+            held, eval_rows = _eval_rows(eval_sources, shards, section, seed, dtype, tok.pad_token_id)
             parts = {"train": train_rows, "eval": eval_rows}
             dropped, padding = train_rows.dropped + eval_rows.dropped, train_rows.padding + eval_rows.padding
             stats["sources"] = {**_source_stats(train, shards), **_source_stats(held, shards, "eval")}
@@ -165,15 +155,8 @@ def _build_stream(folder: Path, section: "DataSection", train_sources: list[Sour
     """Streaming: write the stream plan and the eval blocks; the train stage tokenizes the rest as it goes."""
     plan = StreamPlan.for_sources(train_sources, section, seed)
     if eval_sources:
-        shards = tokenize_sources(eval_sources, {s.name: plan_shards(s) for s in eval_sources}, tok, tokenizer_digest,
-                                  layout, workers=section.preprocessing_num_workers or default_workers(),
-                                  batch_size=section.preprocessing_batch_size,
-                                  doc_limits={s.name: section.max_samples for s in eval_sources})
-        held = _assemble(eval_sources, shards, section, seed, token_dtype(len(tok)), "concat")
-        eval_rows = _rows(held, section, tok.pad_token_id)
-        if not len(eval_rows.blocks):
-            raise DataError(f"data.eval_dataset: {held.total} tokens make no block of cutoff_len={section.cutoff_len}; "
-                            "add eval data or lower data.cutoff_len")
+        shards = _tokenize(eval_sources, section, tok, tokenizer_digest, layout)
+        held, eval_rows = _eval_rows(eval_sources, shards, section, seed, token_dtype(len(tok)), tok.pad_token_id)
         hold_out(plan, tok, 0)  # checks that the stream holds a training block
         sources = _source_stats(held, shards, "eval")
     else:
@@ -188,11 +171,38 @@ def _build_stream(folder: Path, section: "DataSection", train_sources: list[Sour
     for source in train_sources:
         sources[source.name] = {"files": len(source.files), "shards": sum(sh.source == source.name for sh in plan.shards),
                                 "bytes": sum(plan.files[str(f)]["size"] for f in source.files), "cache": "streamed"}
-    return {"streaming": True, "cutoff_len": section.cutoff_len, "packing": True, "doc_mask": section.doc_mask,
-            "mix_strategy": "concat", "dtype": token_dtype(len(tok)).name, "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id, "stream_shards": len(plan.shards), "stream_bytes": plan.total_bytes,
+    return {"streaming": True, **_packing_stats(section, tok), "stream_shards": len(plan.shards),
+            "stream_bytes": plan.total_bytes,
             "stream_start": plan.start.to_json(), "eval_blocks": len(eval_rows.blocks),
             "eval_tokens": int(eval_rows.tokens), "sources": sources}
+
+
+def _packing_stats(section: "DataSection", tok) -> dict:
+    """How the blocks were made, for the manifest (both the stored and the streamed path)."""
+    return {"cutoff_len": section.cutoff_len, "packing": section.packing, "doc_mask": section.doc_mask,
+            "mix_strategy": section.mix_strategy, "dtype": token_dtype(len(tok)).name,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def _tokenize(sources: list[Source], section: "DataSection", tok, tokenizer_digest: str,
+              layout: Layout) -> dict[str, SourceShards]:
+    """Every shard of `sources` through the token cache; max_samples stops a source early (num_samples draws
+    from the whole source)."""
+    limits = {s.name: section.max_samples for s in sources if s.num_samples is None}
+    return tokenize_sources(sources, {s.name: plan_shards(s) for s in sources}, tok, tokenizer_digest, layout,
+                            workers=section.preprocessing_num_workers or default_workers(),
+                            batch_size=section.preprocessing_batch_size, doc_limits=limits)
+
+
+def _eval_rows(sources: list[Source], shards: dict[str, SourceShards], section: "DataSection", seed: int,
+               dtype: np.dtype, pad_id: int) -> tuple["Assembled", "Rows"]:
+    """data.eval_dataset packed in order into the eval blocks, or a DataError when they make none."""
+    held = _assemble(sources, shards, section, seed, dtype, "concat")
+    rows = _rows(held, section, pad_id)
+    if not len(rows.blocks):
+        raise DataError(f"data.eval_dataset: {held.total} tokens make no block of cutoff_len={section.cutoff_len}; "
+                        "add eval data or lower data.cutoff_len")
+    return held, rows
 
 
 def _unique(sources: list[Source]) -> list[Source]:

@@ -42,14 +42,14 @@ def apply_speedups(model, train: TrainSection) -> list[str]:
             for layer in decoder.layers:
                 layer.compile(dynamic=False)
             applied.append("torch.compile (each decoder layer)")
-        elif train.enable_liger_kernel:
-            keep_packed_check_eager(causal_lm)
-            decoder.compile(dynamic=False)
-            applied.append("torch.compile (decoder)")
         else:
             keep_packed_check_eager(causal_lm)
-            model.compile(dynamic=False)
-            applied.append("torch.compile (whole model)")
+            if train.enable_liger_kernel:
+                decoder.compile(dynamic=False)
+                applied.append("torch.compile (decoder)")
+            else:
+                model.compile(dynamic=False)
+                applied.append("torch.compile (whole model)")
     return applied
 
 

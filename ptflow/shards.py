@@ -137,6 +137,21 @@ class Encoder:
         self.rust, self.slow_tokenizer = rust, slow_tokenizer
         self.fast = WordEncoder.for_tokenizer(rust) if rust is not None else None
 
+    @classmethod
+    def of(cls, tokenizer) -> "Encoder":
+        """The encoder of a transformers tokenizer: its Rust backend when fast, else the tokenizer itself."""
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        return cls(backend) if backend is not None else cls(slow_tokenizer=tokenizer)
+
+    @classmethod
+    def in_worker(cls, encoding: Encoding) -> "Encoder":
+        """The encoder of a worker process, from the serialized Rust tokenizer; one process per core already, so
+        no tokenizer threads on top."""
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(encoding.tokenizer_json))
+
     def __call__(self, texts: list[str]) -> list[list[int]]:
         if self.fast is not None:
             return self.fast(texts)
@@ -159,15 +174,19 @@ class Encoder:
             self.fast = None
 
 
+def encode_shard(shard: Shard, encoder: Encoder, encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, doc_ends) of one shard, read from its file and encoded (not stored)."""
+    texts = read_shard(shard)
+    encoder.check(texts, shard.where)
+    return encode_texts(texts, encoder, encoding.eos_token_id, np.dtype(encoding.dtype), encoding.batch_size)
+
+
 def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: Encoding) -> ShardResult:
     """Build (or find) one shard's artifact."""
     started = time.perf_counter()
 
     def build(folder: Path) -> dict:
-        texts = read_shard(task.shard)
-        encoder.check(texts, task.shard.where)
-        tokens, ends = encode_texts(texts, encoder, encoding.eos_token_id, np.dtype(encoding.dtype),
-                                    encoding.batch_size)
+        tokens, ends = encode_shard(task.shard, encoder, encoding)
         np.save(folder / "tokens.npy", tokens)
         np.save(folder / "doc_ends.npy", ends)
         return {"documents": len(ends), "tokens": int(tokens.size), "file": task.shard.file,
@@ -190,10 +209,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(root: str, encoding: Encoding) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
-    from tokenizers import Tokenizer
-
-    _WORKER.update(layout=Layout(root), encoding=encoding, encoder=Encoder(Tokenizer.from_str(encoding.tokenizer_json)))
+    _WORKER.update(layout=Layout(root), encoding=encoding, encoder=Encoder.in_worker(encoding))
 
 
 def _work(task: ShardTask) -> ShardResult:
@@ -292,8 +308,7 @@ def _needed(results: list[ShardResult | None], limit: int | None) -> list[int]:
 
 
 def _run_inline(layout, tasks, results, todo, limits, encoding, tokenizer, _workers) -> None:
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    encoder = Encoder(backend) if backend is not None else Encoder(slow_tokenizer=tokenizer)
+    encoder = Encoder.of(tokenizer)
     progress = _progress(sum(tasks[n][i].size for n, i in todo))
     try:
         for name, i in todo:

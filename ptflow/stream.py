@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from ptflow.errors import DataError
-from ptflow.shards import Encoder, Encoding, encode_texts, encoding_for, worker_context
-from ptflow.sources import Shard, Source, plan_shards, read_shard
+from ptflow.shards import Encoder, Encoding, encode_shard, encoding_for, worker_context
+from ptflow.shards import default_workers as all_cores
+from ptflow.sources import Shard, Source, plan_shards
 
 log = logging.getLogger("ptflow.stream")
 
@@ -132,7 +133,7 @@ def is_streamed(folder: str | Path) -> bool:
 
 def default_workers() -> int:
     """Tokenizer processes beside a training process: a few cores, none on a small machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = all_cores()
     return min(4, cores // 2) if cores > 2 else 0
 
 
@@ -142,20 +143,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(encoding: Encoding) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    _WORKER.update(encoding=encoding, encoder=Encoder(Tokenizer.from_str(encoding.tokenizer_json)))
-
-
-def _encode(shard: Shard, encoder: Encoder, encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
-    texts = read_shard(shard)
-    encoder.check(texts, shard.where)
-    return encode_texts(texts, encoder, encoding.eos_token_id, np.dtype(encoding.dtype), encoding.batch_size)
+    _WORKER.update(encoding=encoding, encoder=Encoder.in_worker(encoding))
 
 
 def _encode_in_worker(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
-    return _encode(shard, _WORKER["encoder"], _WORKER["encoding"])
+    return encode_shard(shard, _WORKER["encoder"], _WORKER["encoding"])
 
 
 @dataclass
@@ -185,8 +177,7 @@ class BlockStream:
         self.plan = plan
         self.start = cursor or plan.start
         self.encoding = encoding_for(tokenizer, plan.batch_size)
-        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        self.encoder = Encoder(backend) if backend is not None else Encoder(slow_tokenizer=tokenizer)
+        self.encoder = Encoder.of(tokenizer)
         self.pool = None
         if workers > 0 and self.encoding.tokenizer_json is not None:
             self.pool = ProcessPoolExecutor(workers, mp_context=worker_context(),
@@ -263,7 +254,7 @@ class BlockStream:
             if future is not None:
                 future.cancel()
         else:
-            tokens, ends = future.result() if future is not None else _encode(shard, self.encoder, self.encoding)
+            tokens, ends = future.result() if future is not None else encode_shard(shard, self.encoder, self.encoding)
             if limit is not None and before + len(ends) > limit:
                 keep = limit - before
                 tokens, ends = tokens[: int(ends[keep - 1])], ends[:keep]

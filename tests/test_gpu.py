@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from tiny_assets import stop_at
 from ptflow.config import DataSection, ModelSection, TrainSection
 from ptflow.dataset import prepare_dataset
 from ptflow.errors import TrainingError
@@ -72,13 +73,8 @@ def test_streamed_training_on_the_gpu_resumes_exactly(tiny_model_dir, tokenizer_
     model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
     settings = TrainSection(max_steps=6, learning_rate=3e-3, per_device_train_batch_size=4, logging_steps=1,
                             save_steps=3, bf16=True)
-
-    def stop(record):
-        if record["current_steps"] == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(model, settings, tokenizer_artifact, streamed, layout, on_log=stop)
+        train(model, settings, tokenizer_artifact, streamed, layout, on_log=stop_at(5))
     resumed = train(model, settings, tokenizer_artifact, streamed, layout)
     assert resumed.stats["resumed_from"].endswith("checkpoint-3")
     log = [json.loads(line) for line in (resumed.dir / "trainer_log.jsonl").read_text().splitlines()]

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from tiny_assets import ASSETS, QUICKSTART, write_dataset_info
+from tiny_assets import ASSETS, QUICKSTART, stop_at, write_dataset_info
 from ptflow import sources as sources_module
-from ptflow import stream as stream_module
+from ptflow import shards as shards_module
 from ptflow.config import DataSection, ModelSection, TrainSection, validate_config
 from ptflow.dataset import open_blocks, prepare_dataset
 from ptflow.errors import CheckpointError, DataError
@@ -150,8 +150,8 @@ def test_resume_reads_only_the_cursors_shard(two_corpora, tok, small_shards, mon
         cursor = stream.take(1)[2]
     assert cursor.shard > 3
     read = []
-    real = stream_module.read_shard
-    monkeypatch.setattr(stream_module, "read_shard", lambda shard: read.append(shard.index) or real(shard))
+    real = shards_module.read_shard
+    monkeypatch.setattr(shards_module, "read_shard", lambda shard: read.append(shard.index) or real(shard))
     with BlockStream(plan, tok, cursor) as resumed:
         resumed.take(1)
     assert read[0] == plan.shards[cursor.shard].index and len(read) <= 2  # no replay of consumed shards
@@ -269,15 +269,6 @@ def stream_train(**kw) -> TrainSection:
 def streamed(two_corpora, tokenizer_artifact, session_layout):
     return prepare_dataset(section(two_corpora, dataset="b", val_size=2, doc_mask=True), tokenizer_artifact,
                            session_layout)
-
-
-def stop_at(step: int):
-    """An on_log callback that interrupts training once `step` is logged, as a kill would."""
-    def on_log(record: dict) -> None:
-        if record["current_steps"] == step:
-            raise KeyboardInterrupt(f"killed at step {step}")
-
-    return on_log
 
 
 def log_of(folder) -> list[dict]:

@@ -38,3 +38,12 @@ def write_dataset_info(data_dir: Path, entries: dict[str, dict]) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "dataset_info.json").write_text(json.dumps(entries, indent=2))
     return data_dir
+
+
+def stop_at(step: int):
+    """An on_log callback for `train` that interrupts training once `step` is logged, as a kill would."""
+    def on_log(record: dict) -> None:
+        if record["current_steps"] == step:
+            raise KeyboardInterrupt(f"killed at step {step}")
+
+    return on_log

@@ -96,14 +96,14 @@ def find_assets(assets: Path) -> tuple[Path, Path]:
 
 def run_ptflow(data: Path, tokenizer: Path, cutoff: int, workers: int, store: Path) -> dict:
     sys.path.insert(0, str(ROOT))
-    from ptflow.dataset import prepare_dataset
-    from ptflow.layout import Layout
-    from ptflow.store import Artifact, files_digest
-
     # prepare_dataset imports transformers lazily (to load the tokenizer); import it before the clock starts,
     # as run_lf does, so both sides time the work and not the imports (on the GPU image this pulls in torch:
     # about 9 s there, measured 2026-11-25).
     from transformers import AutoTokenizer  # noqa: F401
+
+    from ptflow.data.dataset import prepare_dataset
+    from ptflow.store.entries import Artifact, files_digest
+    from ptflow.store.layout import Layout
 
     digest, _ = files_digest(tokenizer)
     tok = Artifact("load_tokenizer", "bench", str(tokenizer), digest)
@@ -121,7 +121,7 @@ def _section(data: Path, cutoff: int, workers: int):
     fields = {"dataset": ["stdlib_py"], "dataset_dir": str(data), "cutoff_len": cutoff,
               "preprocessing_num_workers": workers}
     try:
-        from ptflow.config import DataSection
+        from ptflow.config.schema import DataSection
     except ImportError:  # no pydantic: a plain stand-in with the defaults prepare_dataset reads
         import dataclasses
 

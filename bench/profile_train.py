@@ -45,9 +45,9 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ptflow.config import ModelSection, TrainSection
-    from ptflow.kernels import apply_speedups, attention_backend
-    from ptflow.model import build_model
+    from ptflow.config.schema import ModelSection, TrainSection
+    from ptflow.train.kernels import apply_speedups, attention_backend
+    from ptflow.train.model import build_model
 
     flags = set(a.variant.split("+"))
     train = TrainSection(bf16=True, pure_bf16="pure" in flags, torch_compile=bool({"compile", "layers"} & flags),

@@ -34,7 +34,7 @@ FLAG_LABELS = {"eager": "eager", "compile": "torch.compile", "layers": "regional
 
 
 def train_section(variant: str, steps: int, mb: int, lr: float):
-    from ptflow.config import TrainSection
+    from ptflow.config.schema import TrainSection
 
     flags = set(variant.split("+"))
     return TrainSection(finetuning_type="full", learning_rate=lr, max_steps=steps, per_device_train_batch_size=mb,
@@ -50,11 +50,11 @@ def run_one(a) -> dict:
     """Prepare (cached in the store) and train one variant; return the anchors-shaped result."""
     import torch
 
-    from ptflow.config import DataSection, ModelSection
-    from ptflow.dataset import prepare_dataset
-    from ptflow.layout import Layout
-    from ptflow.tokenizer import load_tokenizer
-    from ptflow.train import train
+    from ptflow.config.schema import DataSection, ModelSection
+    from ptflow.data.dataset import prepare_dataset
+    from ptflow.data.tokenizer import load_tokenizer
+    from ptflow.store.layout import Layout
+    from ptflow.train.loop import train
 
     work = Path(a.anchors_work)
     layout = Layout(a.store)

@@ -12,18 +12,25 @@ on the gpu work pool (`orchestration.placement`, see tasks/placement.py).
 
 from __future__ import annotations
 
-import tasks  # noqa: F401  (routes ptflow logs into Prefect)
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from ptflow.config import load_config
-from ptflow.evaluate import existing_model
-from ptflow.layout import Layout
-from ptflow.outputs import export, prepare_output_dir
+import tasks  # noqa: F401  (routes ptflow logs into Prefect)
+from ptflow.config.loading import load_config
 from ptflow.preflight import preflight
+from ptflow.publish.evaluate import existing_model
+from ptflow.store.layout import Layout
+from ptflow.store.outputs import export, prepare_output_dir
 from tasks.placement import train_model
 from tasks.runner import report_metrics, report_stages, run_stage
-from tasks.stages import evaluate, load_tokenizer, plot_loss, prepare_dataset, push_to_hub, write_model_card
+from tasks.stages import (
+    evaluate,
+    load_tokenizer,
+    plot_loss,
+    prepare_dataset,
+    push_to_hub,
+    write_model_card,
+)
 from tasks.ui import show_card, show_plots, show_publish
 
 

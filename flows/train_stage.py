@@ -9,13 +9,13 @@ it by key. A config and store that the gpu worker cannot read fail at once, nami
 
 from __future__ import annotations
 
-import tasks  # noqa: F401  (routes ptflow logs into Prefect)
 from prefect import flow
 
-from ptflow.config import load_config
-from ptflow.layout import Layout
-from ptflow.lineage import start_from_key
-from ptflow.plan import locate
+import tasks  # noqa: F401  (routes ptflow logs into Prefect)
+from ptflow.config.loading import load_config
+from ptflow.store.layout import Layout
+from ptflow.store.lineage import start_from_key
+from ptflow.store.verdict import locate
 from tasks.runner import run_stage
 from tasks.stages import train
 

@@ -14,16 +14,21 @@ import json
 import os
 from pathlib import Path
 
-from ptflow.config import RunConfig
+from ptflow.config.schema import RunConfig
+from ptflow.data.dataset import check_sources, resolve_all
+from ptflow.data.tokenizer import (
+    open_tokenizer,
+    resolve_model_dir,
+    tokenizer_source_files,
+)
 from ptflow.errors import PreflightError, PtflowError
-from ptflow.layout import Layout
+from ptflow.publish.hub import check_access
+from ptflow.store.layout import Layout
+from ptflow.train.model import model_files
 
 
 def preflight(config: RunConfig, source: str = "config") -> None:
     """Raise PreflightError listing every problem found."""
-    from ptflow.dataset import check_sources, resolve_all
-    from ptflow.model import model_files
-    from ptflow.tokenizer import resolve_model_dir, tokenizer_source_files
 
     problems = []
     model_dir = None
@@ -60,7 +65,6 @@ def preflight(config: RunConfig, source: str = "config") -> None:
         problems += _writable(out, "output.output_dir")
     problems += _outside_inputs(config, model_dir, layout, out)
     if config.output.push_to_hub and not problems:  # only worth a network call once everything else is right
-        from ptflow.publish import check_access
 
         problems += check_access(config.output, config.run_name)
     if problems:
@@ -110,7 +114,6 @@ def _outside_inputs(config: RunConfig, model_dir: Path | None, layout: Layout, o
 
 def _vocab_fits(config: RunConfig, model_dir: Path, model_config: dict) -> list[str]:
     """Every token id the tokenizer can emit must have an embedding row (or resize_vocab must be on)."""
-    from ptflow.tokenizer import open_tokenizer
 
     vocab = model_config.get("vocab_size")
     try:

@@ -24,13 +24,13 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 
-from ptflow import train as training
-from ptflow.config import RunConfig
+from ptflow.config.schema import RunConfig
 from ptflow.errors import TrainingError
-from ptflow.layout import Layout
-from ptflow.lineage import Start, record, start_model
-from ptflow.plan import locate, predict
-from ptflow.store import Artifact
+from ptflow.store.entries import Artifact
+from ptflow.store.layout import Layout
+from ptflow.store.lineage import Start, record, start_model
+from ptflow.store.verdict import locate, predict
+from ptflow.train import loop as training
 from tasks.runner import note_resume, run_stage
 from tasks.stages import train
 

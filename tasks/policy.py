@@ -10,8 +10,8 @@ from __future__ import annotations
 from types import ModuleType
 
 from ptflow.errors import is_transient
-from ptflow.plan import stage_components
-from ptflow.store import is_cached, stage_key
+from ptflow.store.entries import is_cached, stage_key
+from ptflow.store.verdict import stage_components
 
 
 def content_key(stage_module: ModuleType):

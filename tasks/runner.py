@@ -10,9 +10,9 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from ptflow.layout import Layout
-from ptflow.plan import evict, predict
-from ptflow.store import Artifact
+from ptflow.store.entries import Artifact
+from ptflow.store.layout import Layout
+from ptflow.store.verdict import evict, predict
 
 
 def run_stage(stage_task, *args, layout: Layout, redo: Collection[str] = (), **kwargs) -> Artifact:

@@ -8,10 +8,21 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ptflow import card, dataset, evaluate as evaluation, plot, publish, tokenizer, train as training
-from ptflow.config import DataSection, EvalSection, ModelSection, OutputSection, RunConfig, TrainSection
-from ptflow.layout import Layout
-from ptflow.store import Artifact
+from ptflow.config.schema import (
+    DataSection,
+    EvalSection,
+    ModelSection,
+    OutputSection,
+    RunConfig,
+    TrainSection,
+)
+from ptflow.data import dataset, tokenizer
+from ptflow.publish import card, plot
+from ptflow.publish import evaluate as evaluation
+from ptflow.publish import hub as publish
+from ptflow.store.entries import Artifact
+from ptflow.store.layout import Layout
+from ptflow.train import loop as training
 from tasks.policy import STAGE_OPTIONS, content_key
 
 

@@ -2,16 +2,16 @@
 
 Created by the flow after each stage returns (not inside the task), so a run whose stages all
 hit the cache still shows them. Plots are embedded as data-URI PNGs in markdown, the one form
-both Prefect UIs render without a file server (see ptflow/report.py).
+both Prefect UIs render without a file server (see ptflow/publish/report.py).
 """
 
 from __future__ import annotations
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from ptflow import report
-from ptflow.publish import PublishResult
-from ptflow.store import Artifact
+from ptflow.publish import report
+from ptflow.publish.hub import PublishResult
+from ptflow.store.entries import Artifact
 
 
 def show_plots(plots: Artifact | None) -> None:

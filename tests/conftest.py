@@ -13,8 +13,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tiny_assets import ASSETS, CORPUS_LINES, QUICKSTART, copy_tokenizer, tiny_llama_config, write_dataset_info
+from tiny_assets import (
+    ASSETS,
+    CORPUS_LINES,
+    QUICKSTART,
+    copy_tokenizer,
+    tiny_llama_config,
+    write_dataset_info,
+)
 
 # No test may reach the network: make the Hub client cache-only before anything imports it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,7 +64,7 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def layout(tmp_path):
-    from ptflow.layout import Layout
+    from ptflow.store.layout import Layout
 
     return Layout(tmp_path / "store")
 
@@ -73,7 +79,7 @@ def merge(base: dict, extra: dict) -> dict:
 @pytest.fixture(scope="session")
 def make_config(tiny_model_dir, tiny_data_dir):
     """make_config(data={"cutoff_len": 64}, train={...}) -> RunConfig on the tiny assets (validated)."""
-    from ptflow.config import validate_config
+    from ptflow.config.schema import validate_config
 
     base = {
         "run_name": "test-run",
@@ -92,14 +98,14 @@ def make_config(tiny_model_dir, tiny_data_dir):
 @pytest.fixture(scope="session")
 def session_layout(tmp_path_factory):
     """A store shared by session-scoped artifacts (tests that count hits use the per-test `layout`)."""
-    from ptflow.layout import Layout
+    from ptflow.store.layout import Layout
 
     return Layout(tmp_path_factory.mktemp("session-store"))
 
 
 @pytest.fixture(scope="session")
 def tokenizer_artifact(tiny_model_dir, session_layout):
-    from ptflow.config import ModelSection
-    from ptflow.tokenizer import load_tokenizer
+    from ptflow.config.schema import ModelSection
+    from ptflow.data.tokenizer import load_tokenizer
 
     return load_tokenizer(ModelSection(model_name_or_path=str(tiny_model_dir)), session_layout)

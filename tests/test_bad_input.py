@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptflow.cli import main
+from flows.cli import main
 
 
 @pytest.fixture
@@ -184,11 +184,11 @@ def test_bad_input_is_named_and_stops_before_any_stage(case, world, capsys):
 
 
 def _prepare_error(config_path: Path, store: Path) -> str:
-    from ptflow.config import load_config
-    from ptflow.dataset import prepare_dataset
+    from ptflow.config.loading import load_config
+    from ptflow.data.dataset import prepare_dataset
+    from ptflow.data.tokenizer import load_tokenizer
     from ptflow.errors import DataError
-    from ptflow.layout import Layout
-    from ptflow.tokenizer import load_tokenizer
+    from ptflow.store.layout import Layout
 
     cfg = load_config(config_path)
     layout = Layout(store)

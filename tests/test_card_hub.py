@@ -16,8 +16,8 @@ import math
 import pytest
 import yaml
 
-from ptflow.card import write_model_card
-from ptflow.store import Artifact
+from ptflow.publish.card import write_model_card
+from ptflow.store.entries import Artifact
 
 SOURCES = {"web": {"documents": 30, "tokens": 750, "mean_doc_tokens": 25.0},
            "code": {"documents": 10, "tokens": 250, "mean_doc_tokens": 25.0}}
@@ -46,7 +46,10 @@ def hub_checks(path) -> dict:
     """Parse the card as huggingface_hub does and return its metadata; raises on anything the Hub would reject."""
     from huggingface_hub import ModelCard, ModelCardData
     from huggingface_hub.repocard import metadata_eval_result, metadata_load
-    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+    from huggingface_hub.repocard_data import (
+        eval_results_to_model_index,
+        model_index_to_eval_results,
+    )
 
     card = ModelCard.load(path)
     metadata = metadata_load(path)
@@ -118,7 +121,7 @@ def test_card_body_has_mixture_provenance_and_no_token(make_config, layout):
 
 @pytest.mark.parametrize("token", [None, "hf_oneToken0123456789", "hf_otherToken0123456789"])
 def test_the_token_does_not_change_the_card_key(make_config, layout, token):
-    from ptflow.card import components
+    from ptflow.publish.card import components
 
     config = make_config(output={"hub_token": token} if token else {})
     parts = components(config, *(fake(s, {}, d * 64) for s, d in (("t", "1"), ("d", "2"), ("m", "3"))), None, None)

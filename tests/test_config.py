@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from ptflow.config import DataSection, TrainSection, load_config, validate_config
+from ptflow.config.loading import load_config
+from ptflow.config.schema import DataSection, TrainSection, validate_config
 from ptflow.errors import ConfigError
 
 MINIMAL = {"model": {"model_name_or_path": "org/tiny"}, "data": {"dataset": "stdlib_docs"}}

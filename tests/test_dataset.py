@@ -9,12 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
-
 from tiny_assets import ASSETS, write_dataset_info
-from ptflow.config import DataSection
-from ptflow.dataset import open_blocks, prepare_dataset, split_indices
+
+from ptflow.config.schema import DataSection
+from ptflow.data.dataset import open_blocks, prepare_dataset, split_indices
+from ptflow.data.tokenizer import open_tokenizer
 from ptflow.errors import DataError
-from ptflow.tokenizer import open_tokenizer
 
 THREE = [json.loads(line)["text"] for line in (ASSETS / "three_docs.jsonl").read_text().splitlines()]
 EOS, BOS, PAD = 1, 0, 2
@@ -284,7 +284,7 @@ def test_seed_is_part_of_the_key_only_with_a_split(tiny_data_dir, tokenizer_arti
 
 
 def test_eos_is_a_trained_label_and_no_bos_is_written(tiny_data_dir, tokenizer_artifact, layout):
-    from ptflow.evaluate import batch_tensors
+    from ptflow.train.eval_loss import batch_tensors
 
     artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout)
     blocks, lengths = open_blocks(artifact, "train")
@@ -310,7 +310,7 @@ def test_no_remainder_is_dropped_per_batch(tmp_path, tokenizer_artifact, tok, la
 
 
 def test_doc_mask_records_document_starts(tiny_data_dir, tokenizer_artifact, layout):
-    from ptflow.dataset import open_doc_starts
+    from ptflow.data.dataset import open_doc_starts
 
     artifact = prepare_dataset(data(tiny_data_dir, cutoff_len=10, doc_mask=True), tokenizer_artifact, layout)
     starts = open_doc_starts(artifact, "train")
@@ -321,7 +321,7 @@ def test_doc_mask_records_document_starts(tiny_data_dir, tokenizer_artifact, lay
 
 
 def test_doc_mask_follows_the_val_split(tiny_data_dir, tokenizer_artifact, layout):
-    from ptflow.dataset import open_doc_starts
+    from ptflow.data.dataset import open_doc_starts
 
     full = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, doc_mask=True), tokenizer_artifact,
                            layout)
@@ -409,7 +409,7 @@ def test_eval_dataset_must_be_registered(tiny_data_dir, tokenizer_artifact, layo
 
 @pytest.fixture
 def small_shards(monkeypatch):
-    from ptflow import sources
+    from ptflow.data import sources
 
     monkeypatch.setattr(sources, "MIN_SHARD_BYTES", 8192)  # the 200-document corpus becomes ~16 shards
 
@@ -476,7 +476,7 @@ def test_an_edited_file_says_so(tmp_path, tokenizer_artifact, layout):
 
 def test_interrupted_preparation_resumes_with_the_unfinished_shards(tiny_data_dir, tokenizer_artifact, layout,
                                                                     small_shards, monkeypatch):
-    from ptflow import shards
+    from ptflow.data import shards
 
     real, calls = shards.tokenize_shard, []
 
@@ -521,7 +521,7 @@ def test_max_samples_tokenizes_only_the_shards_it_needs(tiny_data_dir, tokenizer
 
 
 def test_worker_processes_give_the_same_blocks(tiny_data_dir, tokenizer_artifact, layout, small_shards, monkeypatch):
-    from ptflow import shards
+    from ptflow.data import shards
 
     inline = prepare_dataset(data(tiny_data_dir, "stdlib_docs,three", cutoff_len=32), tokenizer_artifact, layout)
     monkeypatch.setattr(shards, "INLINE_BYTES", 0)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ptflow.config import describe_fields
+from ptflow.config.schema import describe_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 

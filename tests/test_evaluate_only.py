@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from ptflow.config import DataSection, EvalSection, ModelSection, TrainSection
-from ptflow.dataset import prepare_dataset
+from ptflow.config.schema import DataSection, EvalSection, ModelSection, TrainSection
+from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import ModelError, PreflightError
-from ptflow.evaluate import evaluate, existing_model
+from ptflow.publish.evaluate import evaluate, existing_model
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_evaluate_an_existing_model_then_hit_from_a_moved_copy(tiny_weights_dir,
 
 
 def test_evaluate_an_existing_lora_adapter(tiny_weights_dir, tokenizer_artifact, held_out, layout):
-    from ptflow.train import train
+    from ptflow.train.loop import train
 
     lora = train(ModelSection(model_name_or_path=str(tiny_weights_dir)),
                  TrainSection(finetuning_type="lora", max_steps=2, per_device_train_batch_size=2),
@@ -97,8 +97,8 @@ def test_evaluate_runs_on_the_gpu_when_there_is_one(tiny_weights_dir, held_out, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ptflow.dataset import open_blocks
-    from ptflow.evaluate import eval_loss
+    from ptflow.data.dataset import open_blocks
+    from ptflow.train.eval_loss import eval_loss
 
     model = existing_model(ModelSection(model_name_or_path=str(tiny_weights_dir)), layout)
     result = evaluate(EvalSection(per_device_eval_batch_size=2), model, held_out, layout)

@@ -10,16 +10,17 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from tiny_assets import ASSETS, write_dataset_info
-from ptflow.card import redact, write_model_card
-from ptflow.config import DataSection, EvalSection, ModelSection, TrainSection
-from ptflow.dataset import open_blocks, prepare_dataset
+
+from ptflow.config.schema import DataSection, EvalSection, ModelSection, TrainSection
+from ptflow.data.dataset import open_blocks, prepare_dataset
 from ptflow.errors import DataError
-from ptflow.evaluate import eval_loss, evaluate, perplexity
-from ptflow.plot import PLOTS, plot_loss, smooth
-from ptflow.store import Artifact
-from ptflow.train import train
+from ptflow.publish.card import redact, write_model_card
+from ptflow.publish.evaluate import evaluate
+from ptflow.publish.plot import PLOTS, plot_loss, smooth
+from ptflow.store.entries import Artifact
+from ptflow.train.eval_loss import eval_loss, perplexity
+from ptflow.train.loop import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EVAL_BLOCKS, CUTOFF = 10, 16

@@ -5,10 +5,18 @@ from __future__ import annotations
 import random
 
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
 from tiny_assets import QUICKSTART
-from ptflow.fastencode import WordEncoder
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
+
+from ptflow.data.fastencode import WordEncoder
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -96,7 +104,7 @@ def test_unsupported_shapes_are_left_to_rust():
 
 
 def test_a_fast_path_that_differs_is_switched_off(caplog):
-    from ptflow.shards import Encoder
+    from ptflow.data.shards import Encoder
 
     tok = Tokenizer.from_file(str(QUICKSTART / "model" / "tokenizer.json"))
     encoder = Encoder(tok)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptflow import tokenizer as tokenizer_stage
-from ptflow.config import ModelSection
+from ptflow.config.schema import ModelSection
+from ptflow.data import tokenizer as tokenizer_stage
 from ptflow.errors import ConfigError, DataError, HubError, PtflowError
-from ptflow.layout import Layout
-from ptflow.store import Artifact
+from ptflow.store.entries import Artifact
+from ptflow.store.layout import Layout
 from tasks.policy import STAGE_OPTIONS
 
 

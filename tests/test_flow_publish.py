@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from hub_standin import serve_hub
 
 SENTINEL = "hf_SENTINEL" + uuid.uuid4().hex
@@ -58,8 +57,14 @@ def run_flow(config: Path):
 
 def read_api(flow_run_id) -> dict:
     from prefect import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
-                                                FlowRunFilterId, LogFilter, LogFilterFlowRunId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogHandler
 

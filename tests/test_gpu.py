@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
-
 from tiny_assets import stop_at
-from ptflow.config import DataSection, ModelSection, TrainSection
-from ptflow.dataset import prepare_dataset
+
+from ptflow.config.schema import DataSection, ModelSection, TrainSection
+from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import TrainingError
-from ptflow.layout import Layout
-from ptflow.train import train
+from ptflow.store.layout import Layout
+from ptflow.train.loop import train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -32,8 +32,8 @@ def load_yaml(*parts: str):
 def test_prefect_yaml_deployments_point_at_real_flows_and_pools():
     from prefect.client.schemas.schedules import CronSchedule
 
-    from ptflow.config import OrchestrationSection
-    from ptflow.deploy import work_pools
+    from flows.deploy import work_pools
+    from ptflow.config.schema import OrchestrationSection
 
     spec = load_yaml("prefect.yaml")
     deployments = {d["name"]: d for d in spec["deployments"]}
@@ -50,7 +50,7 @@ def test_prefect_yaml_deployments_point_at_real_flows_and_pools():
     assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "0 2 * * *"
     assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     config = ROOT / nightly["parameters"]["config_path"]
-    from ptflow.config import load_config
+    from ptflow.config.loading import load_config
 
     assert load_config(config, nightly["parameters"]["overrides"]).orchestration.placement == "gpu-pool"
     assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory":

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_assets import tiny_llama_config
-from ptflow.kernels import keep_packed_check_eager
+
+from ptflow.train.kernels import keep_packed_check_eager
 
 
 def sdpa_calls(model, **inputs) -> tuple[list, torch.Tensor]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from tiny_assets import ASSETS, write_dataset_info
-from ptflow.config import DataSection, ModelSection, TrainSection
-from ptflow.dataset import prepare_dataset
+
+from ptflow.config.schema import DataSection, ModelSection, TrainSection
+from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import TrainingError
-from ptflow.layout import Layout
-from ptflow.train import train
+from ptflow.store.layout import Layout
+from ptflow.train.loop import train
 
 pytestmark = pytest.mark.integration  # two extra Python processes: ~20 s on 2 cores
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptflow import llamafactory as lf
-from ptflow.config import SECTIONS, TOP_LEVEL, load_config, validate_config
+from ptflow.config import llamafactory as lf
+from ptflow.config.loading import load_config
+from ptflow.config.schema import SECTIONS, TOP_LEVEL, validate_config
 from ptflow.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,13 +81,13 @@ def test_schema_keys_are_unique_across_sections_and_top_level():
 
 def test_rules_only_hold_keys_the_schema_lacks():
     shadowed = sorted(set(lf.RULES) & set(lf.owners()))
-    assert not shadowed, (f"ptflow's schema has {shadowed} now: remove them from ptflow/llamafactory.py RULES (schema "
+    assert not shadowed, (f"ptflow's schema has {shadowed} now: remove them from ptflow/config/llamafactory.py RULES (schema "
                           "keys are routed by name) and regenerate docs/llamafactory.md")
 
 
 def test_same_names_are_schema_keys():
     missing = [k for names in lf.SAME_NAMES.values() for k in names if k not in lf.owners()]
-    assert not missing, f"{missing} left the schema: give them a rule in ptflow/llamafactory.py RULES"
+    assert not missing, f"{missing} left the schema: give them a rule in ptflow/config/llamafactory.py RULES"
 
 
 def test_every_rule_key_is_classified_and_documented_in_code():
@@ -394,7 +395,7 @@ def test_convert_lf_refuses_a_ptflow_config_and_reports_every_problem(tmp_path, 
 
 
 def ptflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ptflow.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -411,7 +412,7 @@ def test_cli_validate_prints_what_each_key_became(tmp_path, tiny_model_dir, tiny
 
 
 def test_cli_convert_lf(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
-    from ptflow.cli import main
+    from flows.cli import main
 
     path = write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, max_steps=3))
     out = tmp_path / "converted.yaml"
@@ -430,13 +431,13 @@ def test_cli_convert_lf(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
 
 def run_stages(cfg, layout) -> Path:
     """The flow's recipe as plain stage calls; returns the filled output folder."""
-    from ptflow.card import write_model_card
-    from ptflow.dataset import prepare_dataset
-    from ptflow.evaluate import evaluate
-    from ptflow.outputs import export, prepare_output_dir
-    from ptflow.plot import plot_loss
-    from ptflow.tokenizer import load_tokenizer
-    from ptflow.train import train
+    from ptflow.data.dataset import prepare_dataset
+    from ptflow.data.tokenizer import load_tokenizer
+    from ptflow.publish.card import write_model_card
+    from ptflow.publish.evaluate import evaluate
+    from ptflow.publish.plot import plot_loss
+    from ptflow.store.outputs import export, prepare_output_dir
+    from ptflow.train.loop import train
 
     tokenizer = load_tokenizer(cfg.model, layout)
     dataset = prepare_dataset(cfg.data, tokenizer, layout, seed=cfg.seed)
@@ -572,8 +573,8 @@ def test_interleaved_datasets_with_probs_run_end_to_end(tmp_path, tiny_model_dir
     assert (cfg.data.dataset, cfg.data.interleave_probs) == (["stdlib_docs", "notes"], [0.5, 0.5])
     out = run_stages(cfg, layout)
     assert_llamafactory_tree(out, steps=2, save_steps=10, evaluated=False)
-    from ptflow.dataset import prepare_dataset
-    from ptflow.tokenizer import load_tokenizer
+    from ptflow.data.dataset import prepare_dataset
+    from ptflow.data.tokenizer import load_tokenizer
 
     stats = prepare_dataset(cfg.data, load_tokenizer(cfg.model, layout), layout, seed=cfg.seed).stats
     assert stats["sources"]["stdlib_docs"]["documents"] and stats["sources"]["notes"]["documents"]

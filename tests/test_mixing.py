@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptflow.mixing import interleave, mix, select
+from ptflow.data.mixing import interleave, mix, select
 
 
 def test_select_without_options_is_identity():

@@ -7,11 +7,16 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_assets import TINY_LLAMA
-from ptflow.config import ModelSection, TrainSection
+
+from ptflow.config.schema import ModelSection, TrainSection
 from ptflow.errors import ModelError
-from ptflow.model import build_model, count_parameters, model_files, setup_finetuning
+from ptflow.train.model import (
+    build_model,
+    count_parameters,
+    model_files,
+    setup_finetuning,
+)
 
 LAYER_PARAMS = 9280  # q 1024 + k 512 + v 512 + o 1024 + gate/up/down 3 x 2048 + 2 norms x 32
 TOTAL_PARAMS = 4096 * 32 + 2 * LAYER_PARAMS + 32  # tied embedding/head + layers + final norm

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from ptflow.config import STAGE_ORDER, OrchestrationSection, load_config
+from ptflow.config.loading import load_config
+from ptflow.config.schema import STAGE_ORDER, OrchestrationSection
 from ptflow.errors import ConfigError, StoreError
-from ptflow.layout import Layout
-from ptflow.lineage import read_lineage, record, start_from_key, start_model
-from ptflow.plan import evict, locate, predict
-from ptflow.store import Artifact, build_or_reuse, stage_key
+from ptflow.store.entries import Artifact, build_or_reuse, stage_key
+from ptflow.store.layout import Layout
+from ptflow.store.lineage import read_lineage, record, start_from_key, start_model
+from ptflow.store.verdict import evict, locate, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +185,7 @@ def test_store_roots_local_file_urls_and_object_stores(tmp_path):
 
 
 def ptflow(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ptflow.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=60)
 
 

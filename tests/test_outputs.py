@@ -6,8 +6,8 @@ import os
 import shutil
 import threading
 
-from ptflow.outputs import export
-from ptflow.store import build_or_reuse
+from ptflow.store.entries import build_or_reuse
+from ptflow.store.outputs import export
 
 
 def many_files(folder):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptflow.packing import DocStarts, doc_starts, pack, segments, select_rows, truncate
+from ptflow.data.packing import (
+    DocStarts,
+    doc_starts,
+    pack,
+    segments,
+    select_rows,
+    truncate,
+)
 
 EOS = 9
 # documents of 3, 5, 1 and 4 tokens (EOS included): ends 3, 8, 9, 13

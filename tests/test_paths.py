@@ -12,12 +12,12 @@ import re
 import shutil
 
 import pytest
-
-from ptflow.config import validate_config
-from ptflow.errors import ConfigError, PreflightError
-from ptflow.layout import Layout
-from ptflow.preflight import preflight
 from tiny_assets import write_dataset_info
+
+from ptflow.config.schema import validate_config
+from ptflow.errors import ConfigError, PreflightError
+from ptflow.preflight import preflight
+from ptflow.store.layout import Layout
 
 
 def snapshot(folder) -> dict[str, tuple[int, int]]:
@@ -80,7 +80,7 @@ def test_outputs_inside_inputs_are_refused_before_anything_is_written(make_confi
 
 
 def test_dataset_file_names_outside_the_data_folder_are_only_read(make_config, inputs, tokenizer_artifact):
-    from ptflow.dataset import prepare_dataset
+    from ptflow.data.dataset import prepare_dataset
 
     elsewhere = inputs["tmp"] / "elsewhere"
     elsewhere.mkdir()
@@ -99,10 +99,10 @@ def test_dataset_file_names_outside_the_data_folder_are_only_read(make_config, i
 
 def test_code_shipped_in_a_model_folder_is_not_run_by_default(tmp_path, tiny_model_dir):
     """trust_remote_code defaults to false: a folder's auto_map module is never imported."""
-    from ptflow.config import ModelSection
+    from ptflow.config.schema import ModelSection
+    from ptflow.data.tokenizer import open_tokenizer
     from ptflow.errors import ModelError
-    from ptflow.model import build_model
-    from ptflow.tokenizer import open_tokenizer
+    from ptflow.train.model import build_model
 
     assert ModelSection(model_name_or_path="m").trust_remote_code is False
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")

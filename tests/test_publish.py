@@ -5,13 +5,13 @@ from __future__ import annotations
 import traceback
 
 import pytest
-
 from hub_standin import serve_hub
-from ptflow.config import DataSection, ModelSection, OutputSection, TrainSection
+
+from ptflow.config.schema import DataSection, ModelSection, OutputSection, TrainSection
 from ptflow.errors import ConfigError, HubError, PreflightError, is_transient
-from ptflow.outputs import export
-from ptflow.publish import check_access, publish
-from ptflow.store import Artifact
+from ptflow.publish.hub import check_access, publish
+from ptflow.store.entries import Artifact
+from ptflow.store.outputs import export
 
 GOOD = "hf_goodTokenForAlice0123456789"
 BAD = "hf_SENTINELbadToken0123456789"
@@ -175,8 +175,8 @@ def test_hf_token_from_the_environment_wins_over_the_config(hub, run, monkeypatc
 
 
 def test_a_lora_run_uploads_the_adapter(hub, tiny_weights_dir, tiny_data_dir, tokenizer_artifact, layout, tmp_path):
-    from ptflow.dataset import prepare_dataset
-    from ptflow.train import train
+    from ptflow.data.dataset import prepare_dataset
+    from ptflow.train.loop import train
 
     data = prepare_dataset(DataSection(dataset="stdlib_docs", dataset_dir=str(tiny_data_dir), cutoff_len=32),
                            tokenizer_artifact, layout)
@@ -232,7 +232,7 @@ def test_preflight_fails_on_a_bad_token_before_anything_is_written(hub, make_con
 
 
 def test_a_token_is_refused_as_a_command_line_override_and_never_echoed(tmp_path):
-    from ptflow.config import load_config
+    from ptflow.config.loading import load_config
 
     path = tmp_path / "run.yaml"
     path.write_text("model: {model_name_or_path: m}\ndata: {dataset: d}\noutput: {hub_token: 12345}\n")

@@ -6,9 +6,9 @@ import base64
 import json
 import re
 
-from ptflow.plot import plot_loss
-from ptflow.report import card_markdown, plots_markdown
-from ptflow.store import Artifact
+from ptflow.publish.plot import plot_loss
+from ptflow.publish.report import card_markdown, plots_markdown
+from ptflow.store.entries import Artifact
 
 DATA_URI = re.compile(r"!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)")
 

@@ -9,13 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny_assets import write_dataset_info
-from ptflow import sources
-from ptflow.config import DataSection
-from ptflow.dataset import open_blocks, prepare_dataset
+
+from ptflow.config.schema import DataSection
+from ptflow.data import sources
+from ptflow.data.dataset import open_blocks, prepare_dataset
+from ptflow.data.sources import (
+    Source,
+    check_sources,
+    file_format,
+    plan_file,
+    plan_shards,
+    read_shard,
+    resolve_sources,
+)
 from ptflow.errors import DataError
-from ptflow.sources import Source, check_sources, file_format, plan_file, plan_shards, read_shard, resolve_sources
 
 DOCS = ["first document", "second one, with a comma", "third\tdocument", "caf\u00e9 and na\u00efve", "fifth"]
 
@@ -277,7 +285,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_hub_dataset_from_the_offline_cache(tmp_path, hub_cache, tokenizer_artifact, layout):
-    from ptflow.tokenizer import open_tokenizer
+    from ptflow.data.tokenizer import open_tokenizer
 
     root = write_dataset_info(tmp_path / "d", {
         "hub": {"hf_hub_url": "tiny-org/tiny-corpus", "subset": "default", "split": "train", "revision": "main"},

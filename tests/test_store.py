@@ -11,9 +11,15 @@ import textwrap
 
 import pytest
 
-from ptflow import store
-from ptflow.layout import MANIFEST
-from ptflow.store import DigestMemo, build_or_reuse, code_version, files_digest, stage_key
+from ptflow.store import entries as store
+from ptflow.store.entries import (
+    DigestMemo,
+    build_or_reuse,
+    code_version,
+    files_digest,
+    stage_key,
+)
+from ptflow.store.layout import MANIFEST
 
 STAGE = "demo"
 
@@ -274,20 +280,20 @@ def test_code_version_changes_with_source(tmp_path, monkeypatch):
             '''))
         after = code_version(name)
         assert after != before
-        assert code_version(name, "ptflow.layout") != after
+        assert code_version(name, "ptflow.store.layout") != after
     finally:
         sys.modules.pop(name, None)
 
 
 def test_code_version_of_real_stages_is_stable_and_distinct():
-    assert code_version("ptflow.dataset") == code_version("ptflow.dataset")
-    assert code_version("ptflow.dataset") != code_version("ptflow.tokenizer")
-    assert code_version("ptflow.train", "ptflow.model") == code_version("ptflow.model", "ptflow.train")
+    assert code_version("ptflow.data.dataset") == code_version("ptflow.data.dataset")
+    assert code_version("ptflow.data.dataset") != code_version("ptflow.data.tokenizer")
+    assert code_version("ptflow.train.loop", "ptflow.train.model") == code_version("ptflow.train.model", "ptflow.train.loop")
 
 
 def test_unwritable_store_raises_store_error(tmp_path):
     from ptflow.errors import StoreError
-    from ptflow.layout import Layout
+    from ptflow.store.layout import Layout
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -297,7 +303,7 @@ def test_unwritable_store_raises_store_error(tmp_path):
 
 def test_layout_paths_and_remote_roots(tmp_path, monkeypatch):
     from ptflow.errors import StoreError
-    from ptflow.layout import Layout
+    from ptflow.store.layout import Layout
 
     layout = Layout(tmp_path)
     assert layout.artifact("train", "k") == tmp_path / "cache" / "train" / "k"

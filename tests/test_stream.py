@@ -6,18 +6,23 @@ import json
 
 import numpy as np
 import pytest
-
 from tiny_assets import ASSETS, QUICKSTART, stop_at, write_dataset_info
-from ptflow import sources as sources_module
-from ptflow import shards as shards_module
-from ptflow.config import DataSection, ModelSection, TrainSection, validate_config
-from ptflow.dataset import open_blocks, prepare_dataset
+
+from ptflow.config.schema import (
+    DataSection,
+    ModelSection,
+    TrainSection,
+    validate_config,
+)
+from ptflow.data import shards as shards_module
+from ptflow.data import sources as sources_module
+from ptflow.data.dataset import open_blocks, prepare_dataset
+from ptflow.data.packing import doc_starts, pack
+from ptflow.data.sources import resolve_sources
+from ptflow.data.stream import BlockStream, Cursor, StreamPlan, hold_out, is_streamed
+from ptflow.data.tokenizer import open_tokenizer
 from ptflow.errors import CheckpointError, DataError
-from ptflow.packing import doc_starts, pack
-from ptflow.sources import resolve_sources
-from ptflow.stream import BlockStream, Cursor, StreamPlan, hold_out, is_streamed
-from ptflow.tokenizer import open_tokenizer
-from ptflow.train import train
+from ptflow.train.loop import train
 
 L = 32
 
@@ -277,7 +282,7 @@ def log_of(folder) -> list[dict]:
 
 def test_training_from_a_stream_resumes_exactly_after_an_interruption(tiny_model_dir, tokenizer_artifact, streamed,
                                                                      tmp_path):
-    from ptflow.layout import Layout
+    from ptflow.store.layout import Layout
 
     scratch = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
     reference_run = train(scratch, stream_train(), tokenizer_artifact, streamed, Layout(tmp_path / "a"))
@@ -303,7 +308,7 @@ def test_training_from_a_stream_resumes_exactly_after_an_interruption(tiny_model
 
 def test_a_checkpoint_without_a_data_cursor_is_refused_for_a_stream(tiny_model_dir, tokenizer_artifact, streamed,
                                                                    tmp_path):
-    from ptflow.layout import Layout
+    from ptflow.store.layout import Layout
 
     scratch = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
     layout = Layout(tmp_path / "c")

@@ -6,11 +6,11 @@ import json
 import shutil
 
 import pytest
-
 from tiny_assets import copy_tokenizer
-from ptflow.config import ModelSection
+
+from ptflow.config.schema import ModelSection
+from ptflow.data.tokenizer import load_tokenizer, open_tokenizer, resolve_model_dir
 from ptflow.errors import ModelError
-from ptflow.tokenizer import load_tokenizer, open_tokenizer, resolve_model_dir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

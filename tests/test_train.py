@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_assets import ASSETS, write_dataset_info
-from ptflow import train as training
-from ptflow.checkpoint import META
-from ptflow.config import DataSection, ModelSection, TrainSection
-from ptflow.dataset import prepare_dataset
+
+from ptflow.config.schema import DataSection, ModelSection, TrainSection
+from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import CheckpointError, DataError, TrainingError
-from ptflow.layout import Layout
-from ptflow.store import stage_key
-from ptflow.train import DataOrder, train
+from ptflow.store.entries import stage_key
+from ptflow.store.layout import Layout
+from ptflow.train import loop as training
+from ptflow.train.checkpoint import META
+from ptflow.train.loop import DataOrder, train
 
 CHECKPOINT_FILES = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
                     META}
@@ -111,7 +111,7 @@ def test_output_files_and_checkpoint_names(run_a):
 def test_output_model_loads_with_transformers(run_a, dataset):
     from transformers import AutoModelForCausalLM
 
-    from ptflow.dataset import open_blocks
+    from ptflow.data.dataset import open_blocks
 
     model = AutoModelForCausalLM.from_pretrained(run_a.dir, dtype=torch.float32)
     saved = load_file(run_a.dir / "model.safetensors")
@@ -343,8 +343,8 @@ def test_doc_mask_restarts_positions_and_blocks_attention_across_documents(scrat
                                                                           repeated_data_dir, layout):
     from transformers import AutoModelForCausalLM
 
-    from ptflow.dataset import open_blocks, open_doc_starts
-    from ptflow.train import document_positions
+    from ptflow.data.dataset import open_blocks, open_doc_starts
+    from ptflow.train.loop import document_positions
 
     data = prepare_dataset(DataSection(dataset="rep", dataset_dir=str(repeated_data_dir), cutoff_len=16,
                                        doc_mask=True), tokenizer_artifact, layout)

@@ -34,7 +34,7 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def run_cli(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ptflow.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT, cli_env
-from ptflow.layout import MANIFEST
-from ptflow.store import check_files, read_manifest
+
+from ptflow.store.entries import check_files, read_manifest
+from ptflow.store.layout import MANIFEST
 
 STAGES = ["load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card"]
 FAST = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",
@@ -28,7 +29,7 @@ def test_two_runs_of_one_config_at_once_build_each_entry_once(prefect_server, tm
     for name in ("a", "b"):
         summary = tmp_path / f"summary-{name}.json"
         runs.append((summary, subprocess.Popen(
-            [sys.executable, "-m", "ptflow.cli", "run", "configs/quickstart.yaml", *FAST], cwd=ROOT,
+            [sys.executable, "-m", "flows.cli", "run", "configs/quickstart.yaml", *FAST], cwd=ROOT,
             env={**env, "PTFLOW_SUMMARY_JSON": str(summary)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)))
     outputs = [(summary, *proc.communicate(timeout=600), proc.returncode) for summary, proc in runs]

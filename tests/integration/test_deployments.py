@@ -80,7 +80,7 @@ def stack(tmp_path_factory):
 
 def start_stack(api_url: str, root: Path):
     stack = Stack(api_url, root)
-    deploy = subprocess.run([sys.executable, "-m", "ptflow.cli", "deploy"], cwd=ROOT, env=stack.env("deploy"),
+    deploy = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=ROOT, env=stack.env("deploy"),
                             capture_output=True, text=True, timeout=300)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     lines = QUICKSTART_CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -127,7 +127,10 @@ def task_runs(stack: Stack, flow_run) -> dict[str, object]:
 
 
 def train_child(stack: Stack, parent):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     with client(stack) as api:
         children = api.read_flow_runs(flow_run_filter=FlowRunFilter(

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cli_env
-from ptflow.layout import MANIFEST
-from ptflow.store import check_files, read_manifest
+
+from ptflow.store.entries import check_files, read_manifest
+from ptflow.store.layout import MANIFEST
 
 FAST = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",
         "data.cutoff_len=128", "run_name=disk-full"]
@@ -26,17 +26,17 @@ SMALL = "6m"  # the tokenizer and the packed data fit, training's checkpoints do
 SCRIPT = """
 set -u
 mount -t tmpfs -o size={small} tmpfs "$STORE"
-"$PY" -m ptflow.cli run configs/quickstart.yaml {args} >"$OUT/first.out" 2>"$OUT/first.err"; echo $? >"$OUT/first.rc"
+"$PY" -m flows.cli run configs/quickstart.yaml {args} >"$OUT/first.out" 2>"$OUT/first.err"; echo $? >"$OUT/first.rc"
 "$PY" -c "$LIST" "$STORE" >"$OUT/after-first.json"
 mount -o remount,size=256m "$STORE"
-"$PY" -m ptflow.cli run configs/quickstart.yaml {args} >"$OUT/second.out" 2>"$OUT/second.err"; echo $? >"$OUT/second.rc"
+"$PY" -m flows.cli run configs/quickstart.yaml {args} >"$OUT/second.out" 2>"$OUT/second.err"; echo $? >"$OUT/second.rc"
 "$PY" -c "$LIST" "$STORE" >"$OUT/after-second.json"
 """
 
 LIST = """
 import json, sys
 from pathlib import Path
-from ptflow.store import check_files, read_manifest
+from ptflow.store.entries import check_files, read_manifest
 cache = Path(sys.argv[1]) / "cache"
 out = {}
 for stage in sorted(p for p in cache.iterdir() if p.is_dir()) if cache.is_dir() else []:

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env, run_cli
-from ptflow.layout import MANIFEST
-from ptflow.store import check_files, read_manifest
+
+from ptflow.store.entries import check_files, read_manifest
+from ptflow.store.layout import MANIFEST
 
 STAGES = ["load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card"]
 FAST = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tiny_assets import write_dataset_info
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,12 +23,12 @@ MAX_GROWTH = 200 << 20  # the default 64 MiB limit, decoding, and slack; the lin
 
 PROBE = r"""
 import contextlib, io, json, resource, sys
-from ptflow.cli import main
-from ptflow.config import load_config
-from ptflow.dataset import prepare_dataset
+from flows.cli import main
+from ptflow.config.loading import load_config
+from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import DataError
-from ptflow.layout import Layout
-from ptflow.tokenizer import load_tokenizer
+from ptflow.store.layout import Layout
+from ptflow.data.tokenizer import load_tokenizer
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

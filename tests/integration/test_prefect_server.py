@@ -12,7 +12,12 @@ STAGES = {"load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss",
 
 async def read_run(api_url: str):
     from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
 
     async with PrefectClient(api_url) as client:
         # The server is shared by the session's integration tests: take the runs of this test's run_name.

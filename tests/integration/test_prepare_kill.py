@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import sys
-from ptflow.config import DataSection
-from ptflow.dataset import prepare_dataset
-from ptflow.layout import Layout
-from ptflow.store import Artifact, files_digest
+from ptflow.config.schema import DataSection
+from ptflow.data.dataset import prepare_dataset
+from ptflow.store.layout import Layout
+from ptflow.store.entries import Artifact, files_digest
 from pathlib import Path
 tok = Path(sys.argv[1])
 art = Artifact("load_tokenizer", "t", str(tok), files_digest(tok)[0])
@@ -54,10 +54,10 @@ def test_killed_preparation_resumes(tmp_path, tiny_model_dir):
     proc.wait()
     finished = len([p for p in shards.glob("*") if p.is_dir() and not p.name.startswith(".")])
 
-    from ptflow.config import DataSection
-    from ptflow.dataset import prepare_dataset
-    from ptflow.layout import Layout
-    from ptflow.store import Artifact, files_digest
+    from ptflow.config.schema import DataSection
+    from ptflow.data.dataset import prepare_dataset
+    from ptflow.store.entries import Artifact, files_digest
+    from ptflow.store.layout import Layout
 
     tok = Artifact("load_tokenizer", "t", str(tiny_model_dir), files_digest(tiny_model_dir)[0])
     resumed = prepare_dataset(DataSection(dataset="big", dataset_dir=str(data), cutoff_len=64,

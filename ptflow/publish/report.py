@@ -14,7 +14,7 @@ import base64
 import re
 from pathlib import Path
 
-from ptflow.store import Artifact
+from ptflow.store.entries import Artifact
 
 PLOT_TITLES = {"training_loss.png": "Training loss", "training_eval_loss.png": "Eval loss",
                "training_lr.png": "Learning rate", "training_throughput.png": "Tokens/s per device"}

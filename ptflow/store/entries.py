@@ -27,7 +27,7 @@ from typing import Any
 
 from ptflow import __version__, faults
 from ptflow.errors import PtflowError, StoreError
-from ptflow.layout import MANIFEST, Layout
+from ptflow.store.layout import MANIFEST, Layout
 
 log = logging.getLogger("ptflow.store")
 

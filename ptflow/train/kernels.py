@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ptflow.config import TrainSection
+from ptflow.config.schema import TrainSection
 from ptflow.errors import ModelError
 
 log = logging.getLogger("ptflow.kernels")
@@ -28,7 +28,9 @@ def apply_speedups(model, train: TrainSection) -> list[str]:
     causal_lm = base_causal_lm(model)
     if train.enable_liger_kernel:
         try:
-            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+            from liger_kernel.transformers.monkey_patch import (
+                _apply_liger_kernel_to_instance,
+            )
         except ImportError:
             raise ModelError("train.enable_liger_kernel: liger-kernel is not installed "
                              "(pip install liger-kernel; it needs a CUDA GPU and Triton)") from None

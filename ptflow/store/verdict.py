@@ -19,8 +19,9 @@ from types import ModuleType
 from typing import Any
 
 from ptflow.errors import StoreError
-from ptflow.layout import Layout
-from ptflow.store import Artifact, explain_miss, key_lock, lookup, stage_key
+from ptflow.store.entries import Artifact, explain_miss, key_lock, lookup, stage_key
+from ptflow.store.layout import Layout
+from ptflow.train.checkpoint import is_complete, list_checkpoints
 
 log = logging.getLogger("ptflow.plan")
 
@@ -61,7 +62,6 @@ def predict(layout: Layout, stage_module: ModuleType, parameters: dict[str, Any]
 def _resume_step(work: Path) -> int | None:
     if not work.is_dir():
         return None
-    from ptflow.checkpoint import is_complete, list_checkpoints
 
     steps = [step for step, path in list_checkpoints(work) if is_complete(path)]
     return steps[-1] if steps else None

@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptflow.config import ModelSection, RunConfig
+from ptflow.config.schema import ModelSection, RunConfig
 from ptflow.errors import StoreError
-from ptflow.layout import Layout
-from ptflow.plan import locate
-from ptflow.store import Artifact
+from ptflow.store.entries import Artifact
+from ptflow.store.layout import Layout
+from ptflow.store.verdict import locate
 
 log = logging.getLogger("ptflow.lineage")
 

@@ -26,27 +26,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptflow import checkpoint as ckpt
-from ptflow import faults, sharding
-from ptflow.config import ModelSection, TrainSection
-from ptflow.dataset import open_blocks, open_doc_starts
+from ptflow import faults
+from ptflow.config.schema import ModelSection, TrainSection
+from ptflow.data.dataset import open_blocks, open_doc_starts
+from ptflow.data.packing import segments
+from ptflow.data.stream import BlockStream, Cursor, StreamPlan, is_streamed
+from ptflow.data.stream import default_workers as stream_workers
+from ptflow.data.tokenizer import open_tokenizer, resolve_model_dir
 from ptflow.errors import CheckpointError, DataError, TrainingError
-from ptflow.evaluate import batch_tensors, eval_loss, perplexity
-from ptflow.layout import Layout
-from ptflow.launch import launch_training, resolve_num_processes, spec_for
-from ptflow.kernels import apply_speedups, attention_backend, base_causal_lm
-from ptflow.model import build_model, count_parameters, model_files, setup_finetuning
-from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version, sha256_json
-from ptflow.stream import BlockStream, Cursor, StreamPlan, is_streamed
-from ptflow.stream import default_workers as stream_workers
-from ptflow.telemetry import flops_per_token, format_seconds, peak_flops, peak_memory_gib
-from ptflow.tokenizer import resolve_model_dir
+from ptflow.store.entries import (
+    Artifact,
+    DigestMemo,
+    build_or_reuse,
+    code_version,
+    sha256_json,
+)
+from ptflow.store.layout import Layout
+from ptflow.train import checkpoint as ckpt
+from ptflow.train import sharding
+from ptflow.train.eval_loss import batch_tensors, eval_loss, perplexity
+from ptflow.train.kernels import apply_speedups, attention_backend, base_causal_lm
+from ptflow.train.launch import launch_training, resolve_num_processes, spec_for
+from ptflow.train.model import (
+    build_model,
+    count_parameters,
+    model_files,
+    setup_finetuning,
+)
+from ptflow.train.telemetry import (
+    flops_per_token,
+    format_seconds,
+    peak_flops,
+    peak_memory_gib,
+)
 
 log = logging.getLogger("ptflow.train")
 
 STAGE = "train"
-CODE_MODULES = ("ptflow.train", "ptflow.model", "ptflow.checkpoint", "ptflow.evaluate", "ptflow.kernels",
-                "ptflow.launch", "ptflow.packing", "ptflow.stream", "ptflow.sharding")
+CODE_MODULES = ("ptflow.train.loop", "ptflow.train.model", "ptflow.train.checkpoint", "ptflow.publish.evaluate", "ptflow.train.kernels",
+                "ptflow.train.launch", "ptflow.data.packing", "ptflow.data.stream", "ptflow.train.sharding")
 LogCallback = Callable[[dict], None]
 
 
@@ -119,7 +137,6 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from ptflow.tokenizer import open_tokenizer
 
     launched = time.perf_counter()
     if model_section.attn_implementation == "flex_attention" and not torch.cuda.is_available():
@@ -396,7 +413,6 @@ def document_positions(doc_starts, rows, seq_len: int) -> torch.Tensor:
     transformers reads restarting position ids as packed sequences and masks attention across
     them (block-diagonal causal mask), so no token attends to another document.
     """
-    from ptflow.packing import segments
 
     return torch.from_numpy(np.stack([segments(doc_starts[int(r)], seq_len)[1] for r in rows]).astype(np.int64))
 

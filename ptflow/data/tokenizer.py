@@ -3,7 +3,7 @@
 The key is the content of the tokenizer files (not where they live), so moving a model
 folder keeps the cache, and editing its tokenizer.json invalidates everything downstream.
 
-    from ptflow.tokenizer import load_tokenizer
+    from ptflow.data.tokenizer import load_tokenizer
     artifact = load_tokenizer(cfg.model, Layout.resolve())
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptflow.errors import ModelError
-from ptflow.layout import Layout
-from ptflow.store import Artifact, build_or_reuse, code_version, sha256_file
+from ptflow.store.entries import Artifact, build_or_reuse, code_version, sha256_file
+from ptflow.store.layout import Layout
 
 if TYPE_CHECKING:  # only annotations: open_tokenizer works without pydantic (bench/prepare_bench.py)
-    from ptflow.config import ModelSection
+    from ptflow.config.schema import ModelSection
 
 log = logging.getLogger("ptflow.tokenizer")
 

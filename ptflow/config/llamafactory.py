@@ -8,7 +8,7 @@ differently named ptflow key, ignored with a warning (and why), or rejected (why
 `LF_DEFAULTS` are the keys whose LLaMA-Factory default differs from ptflow's: when an LLaMA-Factory file
 leaves one out, LLaMA-Factory's default is applied (drop-in fidelity) and a note says so.
 
-    from ptflow.llamafactory import convert, is_llamafactory, to_ptflow_yaml
+    from ptflow.config.llamafactory import convert, is_llamafactory, to_ptflow_yaml
     result = convert(flat_dict, yaml_root)         # result.raw: sectioned config; result.notes: what each key became
     print(to_ptflow_yaml(result, "lf.yaml"))        # `ptflow convert-lf lf.yaml`: the same run as a ptflow YAML
 
@@ -28,7 +28,14 @@ from typing import Any
 
 import yaml
 
-from ptflow.config import SECRET_KEYS, SECTIONS, TOP_LEVEL, RunConfig, apply_overrides, validate_config
+from ptflow.config.schema import (
+    SECRET_KEYS,
+    SECTIONS,
+    TOP_LEVEL,
+    RunConfig,
+    apply_overrides,
+    validate_config,
+)
 from ptflow.errors import ConfigError
 
 log = logging.getLogger("ptflow.llamafactory")

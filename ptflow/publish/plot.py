@@ -13,8 +13,8 @@ import logging
 import math
 from pathlib import Path
 
-from ptflow.layout import Layout
-from ptflow.store import Artifact, build_or_reuse, code_version, sha256_file
+from ptflow.store.entries import Artifact, build_or_reuse, code_version, sha256_file
+from ptflow.store.layout import Layout
 
 log = logging.getLogger("ptflow.plot")
 

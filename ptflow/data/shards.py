@@ -1,6 +1,6 @@
 """The token cache: every shard of every source file tokenized once, stored by content, reused by any config.
 
-A shard (ptflow/sources.py: a byte range of a file, or a group of row groups) is an artifact of
+A shard (ptflow/data/sources.py: a byte range of a file, or a group of row groups) is an artifact of
 the `tokenize` stage whose key is (file bytes sha256, shard range, format, text column, tokenizer
 digest, this code's version): never a path or a config. It holds `tokens.npy` (each document's
 ids followed by EOS, concatenated; uint16 when the vocabulary fits) and `doc_ends.npy` (cumulative
@@ -32,15 +32,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ptflow.errors import DataError
-from ptflow.layout import Layout
-from ptflow.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
-from ptflow.store import DigestMemo, build_or_reuse, code_version, key_lock, lookup, stage_key, write_json_atomic
+from ptflow.data.fastencode import WordEncoder
+from ptflow.data.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
+from ptflow.store.entries import (
+    DigestMemo,
+    build_or_reuse,
+    code_version,
+    key_lock,
+    lookup,
+    stage_key,
+    write_json_atomic,
+)
+from ptflow.store.layout import Layout
 
 log = logging.getLogger("ptflow.shards")
 
 STAGE = "tokenize"
-CODE_MODULES = ("ptflow.fastencode", "ptflow.shards", "ptflow.sources")
+CODE_MODULES = ("ptflow.data.fastencode", "ptflow.data.shards", "ptflow.data.sources")
 INLINE_BYTES = 4 << 20  # below this much text to tokenize, starting worker processes costs more than it saves
 
 
@@ -132,8 +140,6 @@ class Encoder:
     SAMPLE_DOCS, SAMPLE_CHARS = 4, 8192
 
     def __init__(self, rust=None, slow_tokenizer=None):
-        from ptflow.fastencode import WordEncoder
-
         self.rust, self.slow_tokenizer = rust, slow_tokenizer
         self.fast = WordEncoder.for_tokenizer(rust) if rust is not None else None
 
@@ -222,7 +228,7 @@ def worker_context():
     parent is threaded (Prefect, Rust pools)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["ptflow.shards"])
+        context.set_forkserver_preload(["ptflow.data.shards"])
         return context
     return multiprocessing.get_context("spawn")
 
@@ -406,7 +412,7 @@ def _explain(source: Source, done: list[ShardResult], digests: dict[str, str], t
             elif prev["tokenizer"] != tokenizer_digest:
                 reason = "tokenizer changed"
             elif prev["code"] != code:
-                reason = "tokenizer code changed (ptflow/shards.py or sources.py)"
+                reason = "tokenizer code changed (ptflow/data/shards.py or sources.py)"
             elif prev["column"] != rs[0].shard.column:
                 reason = f"column changed ({prev['column']} -> {rs[0].shard.column})"
             else:

@@ -1,6 +1,6 @@
 """Stage `publish`: push a run's outputs to the Hugging Face Hub in one commit.
 
-    from ptflow.publish import publish
+    from ptflow.publish.hub import publish
     result = publish(cfg.output, output_dir, [model, evaluation, plots, card], run_name=cfg.run_name,
                      data_digest=dataset.digest, flow_run="pretrain/brave-fox (3f2c...)")
 
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from ptflow import __version__
-from ptflow.config import OutputSection
+from ptflow.config.schema import OutputSection
 from ptflow.errors import HubError, is_transient
-from ptflow.store import Artifact, tree_files
+from ptflow.store.entries import Artifact, tree_files
 
 log = logging.getLogger("ptflow.publish")
 

@@ -3,20 +3,24 @@
 Keys follow LLaMA-Factory's `pt` names where they exist (`model_name_or_path`, `cutoff_len`,
 `learning_rate`, ...), grouped by the stage that reads them. `load_config(path, overrides)`
 parses the file, applies dotted `section.key=value` overrides, and raises one `ConfigError`
-listing every problem with its key path, line, value and the expected form.
-
-    from ptflow.config import load_config
-    cfg = load_config("configs/quickstart.yaml", ["train.learning_rate=3e-4"])
+listing every problem with its key path, line, value and the expected form (ptflow/config/loading.py).
 """
 
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ptflow.errors import ConfigError
 
@@ -428,31 +432,6 @@ SECTIONS: dict[str, type[Section]] = {
 }
 TOP_LEVEL = {name for name in RunConfig.model_fields if name not in SECTIONS}
 SECRET_KEYS = {"hub_token"}  # never echoed in errors, refused as command-line overrides
-
-
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read, override and validate a config; raise one ConfigError naming every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), [f"config file not found (looked in {path.resolve().parent})"])
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(str(path), [f"YAML syntax error at {where}: {getattr(exc, 'problem', exc)}"]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), [f"expected a mapping of sections at the top level, got {type(raw).__name__}"])
-    from ptflow import llamafactory  # imports this module: loaded on use
-
-    if llamafactory.is_llamafactory(raw):  # a flat LLaMA-Factory pt file: mapped onto the sections
-        return llamafactory.load(raw, str(path), root, overrides)
-    problems = apply_overrides(raw, overrides)
-    return validate_config(raw, str(path), root, problems)
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ptflow.config import ModelSection, TrainSection
+from ptflow.config.schema import ModelSection, TrainSection
 from ptflow.errors import ModelError
 
 log = logging.getLogger("ptflow.model")

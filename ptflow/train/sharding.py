@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from ptflow.train.kernels import base_causal_lm
+
 
 def decoder_layers(model):
-    from ptflow.kernels import base_causal_lm
-
     causal_lm = base_causal_lm(model)
     return getattr(causal_lm, causal_lm.base_model_prefix).layers
 

@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 
 from ptflow.errors import StoreError
-from ptflow.layout import MANIFEST
-from ptflow.store import Artifact, tree_files
+from ptflow.store.entries import Artifact, tree_files
+from ptflow.store.layout import MANIFEST
 
 
 def prepare_output_dir(path: Path) -> Path:

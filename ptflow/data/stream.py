@@ -30,10 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ptflow.data.shards import (
+    Encoder,
+    Encoding,
+    encode_shard,
+    encoding_for,
+    worker_context,
+)
+from ptflow.data.shards import default_workers as all_cores
+from ptflow.data.sources import Shard, Source, plan_shards
 from ptflow.errors import DataError
-from ptflow.shards import Encoder, Encoding, encode_shard, encoding_for, worker_context
-from ptflow.shards import default_workers as all_cores
-from ptflow.sources import Shard, Source, plan_shards
 
 log = logging.getLogger("ptflow.stream")
 

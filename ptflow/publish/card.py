@@ -21,9 +21,9 @@ import subprocess
 from pathlib import Path
 
 from ptflow import __version__
-from ptflow.config import RunConfig
-from ptflow.layout import Layout
-from ptflow.store import Artifact, build_or_reuse, code_version
+from ptflow.config.schema import RunConfig
+from ptflow.store.entries import Artifact, build_or_reuse, code_version
+from ptflow.store.layout import Layout
 
 log = logging.getLogger("ptflow.card")
 

@@ -12,7 +12,7 @@ compression of the text formats. A Hub split is read from the arrow files of its
 
 Each file is cut into shards (byte ranges at line breaks, or groups of parquet row groups / arrow
 record batches) whose boundaries depend only on the file's content, so a shard is a stable unit
-of the token cache (ptflow/shards.py). Everything that can be checked without reading a whole
+of the token cache (ptflow/data/shards.py). Everything that can be checked without reading a whole
 file (names, paths, types, columns, the first record) is checked by `check_sources` first.
 
     sources = resolve_sources(section); check_sources(sources)
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ptflow.errors import DataError
 
 if TYPE_CHECKING:
-    from ptflow.config import DataSection
+    from ptflow.config.schema import DataSection
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".txt": "txt", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}

@@ -56,17 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return run(args.config, args.overrides)
         if args.command == "deploy":
-            from ptflow.deploy import deploy
+            from flows.deploy import deploy
 
             return deploy(args.project_dir, args.pool_type, args.code_dir, args.dry_run)
         if args.command == "convert-lf":
             return convert_lf(args.config, args.output)
         if args.llamafactory:
-            from ptflow.llamafactory import reference_table
+            from ptflow.config.llamafactory import reference_table
 
             print(reference_table())
             return 0
-        from ptflow.config import describe_fields
+        from ptflow.config.schema import describe_fields
 
         print(describe_fields())
         return 0
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(config: str, overrides: list[str]) -> int:
-    from ptflow.config import load_config
+    from ptflow.config.loading import load_config
     from ptflow.preflight import preflight
 
     print_llamafactory_notes(config, overrides)
@@ -95,7 +95,7 @@ def run(config: str, overrides: list[str]) -> int:
         os.environ.setdefault(key, value)
     if os.environ.get("PREFECT_HOME"):  # Prefect's embedded server cannot create its SQLite file's folder
         os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
-    from ptflow.config import load_config
+    from ptflow.config.loading import load_config
     from ptflow.preflight import preflight
 
     print_llamafactory_notes(config, overrides)
@@ -123,7 +123,7 @@ def run(config: str, overrides: list[str]) -> int:
 
 def print_llamafactory_notes(config: str, overrides: list[str], file=None) -> None:
     """A LLaMA-Factory file: say what each key became, which defaults were applied, what is ignored."""
-    from ptflow.llamafactory import explain_file
+    from ptflow.config.llamafactory import explain_file
 
     notes = explain_file(config, overrides)
     if notes:
@@ -133,8 +133,8 @@ def print_llamafactory_notes(config: str, overrides: list[str], file=None) -> No
 def convert_lf(config: str, output: str | None) -> int:
     from pathlib import Path
 
+    from ptflow.config.llamafactory import convert_file
     from ptflow.errors import ConfigError
-    from ptflow.llamafactory import convert_file
 
     print_llamafactory_notes(config, [], file=sys.stderr)  # stdout may be the YAML itself
     text, _ = convert_file(config)

@@ -20,14 +20,23 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ptflow.config import EvalSection, ModelSection
-from ptflow.dataset import open_blocks
+from ptflow.config.schema import EvalSection, ModelSection
+from ptflow.data.dataset import open_blocks
+from ptflow.data.tokenizer import TOKENIZER_FILES, resolve_model_dir
 from ptflow.errors import DataError, ModelError
-from ptflow.layout import Layout
-from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version, sha256_file, sha256_json
+from ptflow.store.entries import (
+    Artifact,
+    DigestMemo,
+    build_or_reuse,
+    code_version,
+    sha256_file,
+    sha256_json,
+)
+from ptflow.store.layout import Layout
+from ptflow.train.eval_loss import eval_loss, perplexity
+from ptflow.train.loop import load_trained_model
 
 log = logging.getLogger("ptflow.evaluate")
 
@@ -35,51 +44,12 @@ STAGE = "evaluate"
 MODEL_CONFIG_FILES = ("config.json", "generation_config.json", "adapter_config.json")
 
 
-def batch_tensors(blocks: np.ndarray, lengths: np.ndarray | None, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """input_ids, labels (-100 on padding) and attention mask for the blocks at `index`."""
-    ids = torch.from_numpy(np.asarray(blocks[index], dtype=np.int64))
-    if lengths is None:
-        return ids, ids, None
-    mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(np.asarray(lengths[index], dtype=np.int64))[:, None]
-    labels = ids.masked_fill(~mask, -100)
-    return ids, labels, mask.long()
-
-
-@torch.no_grad()
-def eval_loss(model, blocks: np.ndarray, lengths: np.ndarray | None, batch_size: int, device,
-              autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
-    """Token-weighted mean next-token loss over all blocks, and the number of predicted tokens."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids, labels, mask = batch_tensors(blocks, lengths, slice(start, start + batch_size))
-        ids, labels = ids.to(device), labels.to(device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
-                            enabled=autocast_dtype is not None):
-            logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device)).logits
-        targets = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                                   ignore_index=-100, reduction="sum")
-        total += losses.item()
-        count += int((targets != -100).sum())
-    model.train(was_training)
-    return (total / count if count else float("nan")), count
-
-
-def perplexity(loss: float) -> float:
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return float("inf")
-
-
 def eval_set_digest(dataset: Artifact) -> str:
     return sha256_file(Path(dataset.path) / "eval.npy")
 
 
 def components(section: EvalSection, model: Artifact, dataset: Artifact) -> dict:
-    return {"stage": STAGE, "code": code_version(__name__, "ptflow.dataset"),
+    return {"stage": STAGE, "code": code_version(__name__, "ptflow.data.dataset"),
             "config": section.digest_fields(), "inputs": {"model": model.digest, "dataset": dataset.digest}}
 
 
@@ -87,8 +57,6 @@ def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: L
     """eval_results.json (eval_loss, perplexity, runtime, eval set digest) for the trained model."""
 
     def build(folder: Path) -> dict:
-        from ptflow.train import load_trained_model
-
         blocks, lengths = open_blocks(dataset, "eval")
         net, device = load_trained_model(model.dir)
         autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -131,7 +99,6 @@ def existing_model(section: ModelSection, layout: Layout) -> Artifact:
     to them misses while a moved or renamed folder still hits. Result files in the folder
     (eval_results.json, ...) are not part of the key.
     """
-    from ptflow.tokenizer import TOKENIZER_FILES, resolve_model_dir
 
     model_dir = resolve_model_dir(section, weights=True)
     weights = sorted(model_dir.glob("*.safetensors"))

@@ -1,6 +1,6 @@
 """Stage `prepare_dataset`: registered corpora -> cached token shards -> selected, mixed, packed, split blocks.
 
-    from ptflow.dataset import prepare_dataset, open_blocks
+    from ptflow.data.dataset import prepare_dataset, open_blocks
     artifact = prepare_dataset(cfg.data, tokenizer_artifact, Layout.resolve(), seed=42)
     blocks, lengths = open_blocks(artifact, "train")          # (n, cutoff_len) memory-mapped
 
@@ -31,17 +31,38 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ptflow.data.mixing import mix, select
+from ptflow.data.packing import (
+    DocStarts,
+    doc_starts,
+    load_doc_starts,
+    pack,
+    save_doc_starts,
+    select_rows,
+    truncate,
+)
+from ptflow.data.shards import (
+    SourceShards,
+    default_workers,
+    open_shard,
+    token_dtype,
+    tokenize_sources,
+)
+from ptflow.data.sources import (
+    Source,
+    check_sources,
+    plan_shards,
+    read_dataset_info,
+    resolve_sources,
+)
+from ptflow.data.stream import StreamPlan, hold_out
+from ptflow.data.tokenizer import open_tokenizer
 from ptflow.errors import DataError
-from ptflow.layout import Layout
-from ptflow.mixing import mix, select
-from ptflow.packing import DocStarts, doc_starts, load_doc_starts, pack, save_doc_starts, select_rows, truncate
-from ptflow.shards import SourceShards, default_workers, open_shard, token_dtype, tokenize_sources
-from ptflow.sources import Source, check_sources, plan_shards, read_dataset_info, resolve_sources
-from ptflow.store import Artifact, DigestMemo, build_or_reuse, code_version
-from ptflow.stream import StreamPlan, hold_out
+from ptflow.store.entries import Artifact, DigestMemo, build_or_reuse, code_version
+from ptflow.store.layout import Layout
 
 if TYPE_CHECKING:
-    from ptflow.config import DataSection
+    from ptflow.config.schema import DataSection
 
 __all__ = ["STAGE", "Source", "check_sources", "components", "open_blocks", "open_doc_starts", "prepare_dataset",
            "read_dataset_info", "resolve_sources", "split_indices"]
@@ -49,8 +70,8 @@ __all__ = ["STAGE", "Source", "check_sources", "components", "open_blocks", "ope
 log = logging.getLogger("ptflow.dataset")
 
 STAGE = "prepare_dataset"
-CODE_MODULES = ("ptflow.dataset", "ptflow.fastencode", "ptflow.mixing", "ptflow.packing", "ptflow.shards",
-                "ptflow.sources", "ptflow.stream")
+CODE_MODULES = ("ptflow.data.dataset", "ptflow.data.fastencode", "ptflow.data.mixing", "ptflow.data.packing", "ptflow.data.shards",
+                "ptflow.data.sources", "ptflow.data.stream")
 
 
 def resolve_all(section: "DataSection") -> tuple[list[Source], list[Source]]:
@@ -106,8 +127,6 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
         _check_streamable(train_sources)
 
     def build(folder: Path) -> dict:
-        from ptflow.tokenizer import open_tokenizer
-
         tok = open_tokenizer(tokenizer.path)
         if section.streaming:
             return _build_stream(folder, section, train_sources, eval_sources, tok, tokenizer.digest, layout, seed)

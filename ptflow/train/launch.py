@@ -1,14 +1,14 @@
 """Multi-process training: the train stage re-runs itself under torchrun (DDP), one process per device.
 
 The parent (the Prefect task, or a plain call) writes a JSON spec, starts
-`torchrun --standalone --nproc_per_node N -m ptflow.launch SPEC` (what `accelerate launch
+`torchrun --standalone --nproc_per_node N -m ptflow.train.rank SPEC` (what `accelerate launch
 --multi_gpu` runs underneath; `Accelerator` picks the ranks up from its environment, with NCCL
 on GPUs and gloo on CPUs, which `accelerate launch` cannot start), relays rank 0's new
 trainer_log.jsonl records to its `on_log` callback while the ranks train, and re-raises a
 rank's ptflow error with its own type and message. Every rank runs `run_training` on the
 same work folder; only rank 0 writes logs, checkpoints and the final model.
 
-    python -m ptflow.launch SPEC.json     # what each rank runs (not meant to be called by hand)
+    python -m ptflow.train.rank SPEC.json     # what each rank runs (not meant to be called by hand)
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def launch_training(folder: Path, spec: dict, num_processes: int, on_log: Callab
     spec_path = folder / SPEC
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
-           "-m", "ptflow.launch", str(spec_path)]
+           "-m", "ptflow.train.rank", str(spec_path)]
     log_path, relayed = folder / "trainer_log.jsonl", 0
     process = subprocess.Popen(cmd, env={**os.environ, "PTFLOW_LAUNCHED": "1"})
     try:
@@ -90,29 +90,3 @@ def _rank_error(folder: Path, returncode: int) -> PtflowError:
 def spec_for(folder: Path, model, train, tokenizer, dataset, seed: int, fingerprint: dict) -> dict:
     return {"folder": str(folder), "model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
             "tokenizer": asdict(tokenizer), "dataset": asdict(dataset), "seed": seed, "fingerprint": fingerprint}
-
-
-def main(spec_path: str) -> int:
-    from ptflow.config import ModelSection, TrainSection
-    from ptflow.store import Artifact
-    from ptflow.train import run_training
-
-    spec = json.loads(Path(spec_path).read_text())
-    folder = Path(spec["folder"])
-    rank0 = os.environ.get("RANK", "0") == "0"
-    try:
-        stats = run_training(folder, ModelSection(**spec["model"]), TrainSection(**spec["train"]),
-                             Artifact(**spec["tokenizer"]), Artifact(**spec["dataset"]), spec["seed"],
-                             spec["fingerprint"])
-    except PtflowError as exc:
-        if rank0:
-            (folder / ERROR).write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
-        print(f"ptflow: error: {exc}", file=sys.stderr)
-        return 2
-    if rank0:
-        (folder / STATS).write_text(json.dumps(stats))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))

@@ -3,8 +3,8 @@
 The pretrain flow calls it through run_deployment when `orchestration.placement: gpu-pool`.
 It gets the config path and overrides (never the config's values) and the keys of its input
 artifacts, finds those in the store that both pools share, trains (resuming from the newest
-checkpoint of an interrupted run) and leaves the model in the store, where the parent finds
-it by key. A config and store that the gpu worker cannot read fail at once, naming the fix.
+checkpoint of an interrupted run), evaluates the model on the same GPUs, and leaves both in
+the store, where the parent finds them by key. A config and store that the gpu worker cannot read fail at once, naming the fix.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ptflow.store.layout import Layout
 from ptflow.store.lineage import start_from_key
 from ptflow.store.verdict import locate
 from tasks.runner import run_stage
-from tasks.stages import train
+from tasks.stages import evaluate, train
 
 
 @flow(name="train-stage")
@@ -30,5 +30,7 @@ def train_stage(config_path: str, tokenizer_key: str, dataset_key: str, override
     start = start_from_key(cfg, layout, parent_key)
     model = run_stage(train, start.section, cfg.train, tokenizer, dataset, seed=cfg.seed, layout=layout,
                       redo={"train"} if force else ())
+    if cfg.eval.do_eval and dataset.stats["eval_blocks"]:  # where the model is: the parent then finds it stored
+        run_stage(evaluate, cfg.eval, model, dataset, layout=layout, redo={"evaluate"} if force else ())
     return {"key": model.key, "path": model.path, "hit": model.hit, "reason": model.reason,
             "resumed_from": model.stats.get("resumed_from"), "final_loss": model.stats.get("final_loss")}

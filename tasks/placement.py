@@ -26,12 +26,13 @@ from prefect.runtime import flow_run
 
 from ptflow.config.schema import RunConfig
 from ptflow.errors import TrainingError
+from ptflow.stages import STAGES
 from ptflow.store.entries import Artifact
 from ptflow.store.layout import Layout
 from ptflow.store.lineage import Start, record, start_model
+from ptflow.store.stage import Planned
 from ptflow.store.verdict import locate, predict
-from ptflow.train import loop as training
-from tasks.runner import note_resume, run_stage
+from tasks.runner import note_resume, run_planned
 from tasks.stages import train
 
 
@@ -41,19 +42,19 @@ def train_model(cfg: RunConfig, config_path: str, overrides: list[str], tokenize
     with lineage_slot(cfg.run_name):
         start = start_model(cfg, layout, dataset)
         get_run_logger().info("train: %s", start.note)
+        planned = STAGES["train"].plan(start.section, cfg.train, tokenizer, dataset, layout=layout, seed=cfg.seed)
         if cfg.orchestration.placement == "gpu-pool":
-            model = train_on_pool(cfg, config_path, overrides, tokenizer, dataset, start, layout, "train" in redo)
+            model = train_on_pool(cfg, config_path, overrides, planned, start, layout, "train" in redo)
         else:
-            model = run_stage(train, start.section, cfg.train, tokenizer, dataset, seed=cfg.seed, layout=layout,
-                              redo=redo)
+            model = run_planned(train, planned, layout, redo)
         record(layout, cfg.run_name, model, start, dataset, flow_run=str(flow_run.get_id()))
     return model
 
 
-def train_on_pool(cfg: RunConfig, config_path: str, overrides: list[str], tokenizer: Artifact, dataset: Artifact,
-                  start: Start, layout: Layout, force: bool) -> Artifact:
-    verdict = predict(layout, training, {"model": start.section, "train": cfg.train, "tokenizer": tokenizer,
-                                         "dataset": dataset, "layout": layout, "seed": cfg.seed})
+def train_on_pool(cfg: RunConfig, config_path: str, overrides: list[str], planned: Planned, start: Start,
+                  layout: Layout, force: bool) -> Artifact:
+    verdict = predict(layout, planned)
+    tokenizer, dataset = planned.args[2], planned.args[3]
     if verdict.cached and not force:
         return locate(layout, "train", verdict.key).as_cached("all key components unchanged (no GPU run needed)")
     name = cfg.orchestration.train_deployment

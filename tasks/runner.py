@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
@@ -10,29 +9,32 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from ptflow.stages import STAGES
 from ptflow.store.entries import Artifact
 from ptflow.store.layout import Layout
+from ptflow.store.stage import Planned
 from ptflow.store.verdict import evict, predict
 
 
 def run_stage(stage_task, *args, layout: Layout, redo: Collection[str] = (), **kwargs) -> Artifact:
+    """Plan the stage (its key components, computed once) and run its task; see `run_planned`."""
+    planned = STAGES[stage_task.name].plan(*args, layout=layout, **kwargs)
+    return run_planned(stage_task, planned, layout, redo)
+
+
+def run_planned(stage_task, planned: Planned, layout: Layout, redo: Collection[str] = ()) -> Artifact:
     """Call the task, named after what it will do (`train [hit]`); redo it from scratch if its stage is in `redo`.
 
-    Prefect's cache records are kept in the store (a Path, which Prefect wraps in an unsaved
-    LocalFileSystem), so they travel and vanish together with the artifacts they point to.
-    A forced stage loses its store entry (and checkpoints) and skips Prefect's cache.
+    The store is the only cache: the task gets the key components already computed and finds
+    (or builds) its entry by them. A forced stage loses its store entry (and checkpoints) first.
     """
-    parameters = inspect.signature(stage_task.fn).bind(*args, layout=layout, **kwargs).arguments
-    verdict = predict(layout, stage_task.cache_key_fn.stage_module, parameters)
+    verdict = predict(layout, planned)
     forced = verdict.stage in redo
     if forced:
         evict(layout, verdict.stage, verdict.key)
-    stage_task = stage_task.with_options(result_storage=layout.prefect_results(), refresh_cache=forced,
-                                         task_run_name=f"{verdict.stage} [{'forced' if forced else verdict.label}]")
-    state = stage_task(*args, layout=layout, return_state=True, **kwargs)
-    artifact = state.result()
-    if state.name == "Cached":
-        artifact = artifact.as_cached("Prefect cache: content key unchanged and the store entry intact")
+    label = "forced" if forced else verdict.label
+    stage_task = stage_task.with_options(task_run_name=f"{verdict.stage} [{label}]")
+    artifact = stage_task(*planned.args, **planned.kwargs, parts=planned.parts)
     if forced:
         artifact = replace(artifact, reason="forced by orchestration.force/from_stage")
     artifact = note_resume(artifact)

@@ -23,29 +23,30 @@ from ptflow.publish import hub as publish
 from ptflow.store.entries import Artifact
 from ptflow.store.layout import Layout
 from ptflow.train import loop as training
-from tasks.policy import STAGE_OPTIONS, content_key
+from tasks.policy import STAGE_OPTIONS
 
 
-@task(name="load_tokenizer", cache_key_fn=content_key(tokenizer), **STAGE_OPTIONS)
-def load_tokenizer(section: ModelSection, layout: Layout) -> Artifact:
-    return tokenizer.load_tokenizer(section, layout)
+@task(name="load_tokenizer", **STAGE_OPTIONS)
+def load_tokenizer(section: ModelSection, layout: Layout, parts: dict | None = None) -> Artifact:
+    return tokenizer.load_tokenizer(section, layout, parts=parts)
 
 
-@task(name="prepare_dataset", cache_key_fn=content_key(dataset), **STAGE_OPTIONS)
-def prepare_dataset(section: DataSection, tokenizer: Artifact, layout: Layout, seed: int) -> Artifact:
-    return dataset.prepare_dataset(section, tokenizer, layout, seed)
+@task(name="prepare_dataset", **STAGE_OPTIONS)
+def prepare_dataset(section: DataSection, tokenizer: Artifact, layout: Layout, seed: int,
+                    parts: dict | None = None) -> Artifact:
+    return dataset.prepare_dataset(section, tokenizer, layout, seed, parts=parts)
 
 
-@task(name="train", cache_key_fn=content_key(training), **STAGE_OPTIONS)
+@task(name="train", **STAGE_OPTIONS)
 def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset: Artifact, layout: Layout,
-          seed: int) -> Artifact:
+          seed: int, parts: dict | None = None) -> Artifact:
     progress = create_progress_artifact(0.0, key="train-progress", description="training: waiting for step 1")
 
     def on_log(record: dict) -> None:
         if "percentage" in record:
             update_progress_artifact(progress, record["percentage"], description=progress_line(record))
 
-    return training.train(model, train, tokenizer, dataset, layout, seed, on_log=on_log)
+    return training.train(model, train, tokenizer, dataset, layout, seed, on_log=on_log, parts=parts)
 
 
 def progress_line(record: dict) -> str:
@@ -58,20 +59,22 @@ def progress_line(record: dict) -> str:
     return ", ".join(parts)
 
 
-@task(name="evaluate", cache_key_fn=content_key(evaluation), **STAGE_OPTIONS)
-def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout) -> Artifact:
-    return evaluation.evaluate(section, model, dataset, layout)
+@task(name="evaluate", **STAGE_OPTIONS)
+def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout,
+             parts: dict | None = None) -> Artifact:
+    return evaluation.evaluate(section, model, dataset, layout, parts=parts)
 
 
-@task(name="plot_loss", cache_key_fn=content_key(plot), **STAGE_OPTIONS)
-def plot_loss(model: Artifact, layout: Layout) -> Artifact:
-    return plot.plot_loss(model, layout)
+@task(name="plot_loss", **STAGE_OPTIONS)
+def plot_loss(model: Artifact, layout: Layout, parts: dict | None = None) -> Artifact:
+    return plot.plot_loss(model, layout, parts=parts)
 
 
-@task(name="write_model_card", cache_key_fn=content_key(card), **STAGE_OPTIONS)
+@task(name="write_model_card", **STAGE_OPTIONS)
 def write_model_card(config: RunConfig, tokenizer: Artifact, dataset: Artifact, model: Artifact,
-                     evaluation: Artifact | None, plots: Artifact | None, layout: Layout, provenance: dict) -> Artifact:
-    return card.write_model_card(config, tokenizer, dataset, model, evaluation, plots, layout, provenance)
+                     evaluation: Artifact | None, plots: Artifact | None, layout: Layout, provenance: dict,
+                     parts: dict | None = None) -> Artifact:
+    return card.write_model_card(config, tokenizer, dataset, model, evaluation, plots, layout, provenance, parts=parts)
 
 
 @task(name="publish", cache_policy=NO_CACHE, persist_result=False)  # a side effect: never cached; retries inside

@@ -48,7 +48,7 @@ def run_stage_in_a_flow(section: ModelSection, layout: Layout):
 
     from tasks.stages import load_tokenizer
 
-    task = load_tokenizer.with_options(retry_delay_seconds=0, result_storage=layout.prefect_results())
+    task = load_tokenizer.with_options(retry_delay_seconds=0)
 
     @flow(name="retry-probe")
     def probe():

@@ -6,8 +6,6 @@ import errno
 import json
 import os
 import re
-import sys
-import textwrap
 
 import pytest
 
@@ -15,7 +13,6 @@ from ptflow.store import entries as store
 from ptflow.store.entries import (
     DigestMemo,
     build_or_reuse,
-    code_version,
     files_digest,
     stage_key,
 )
@@ -261,34 +258,6 @@ def test_digest_memo_survives_an_unreadable_memo_file(layout, tmp_path):
     path = tmp_path / "f.txt"
     path.write_text("x")
     assert DigestMemo(layout).digest(path) == store.sha256_file(path)
-
-
-def test_code_version_changes_with_source(tmp_path, monkeypatch):
-    name = "ptflow_test_stage_module"
-    module = tmp_path / f"{name}.py"
-    module.write_text(textwrap.dedent('''\
-        def build():
-            return 1
-        '''))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        before = code_version(name)
-        assert code_version(name) == before and len(before) == 16
-        module.write_text(textwrap.dedent('''\
-            def build():
-                return 2  # changed
-            '''))
-        after = code_version(name)
-        assert after != before
-        assert code_version(name, "ptflow.store.layout") != after
-    finally:
-        sys.modules.pop(name, None)
-
-
-def test_code_version_of_real_stages_is_stable_and_distinct():
-    assert code_version("ptflow.data.dataset") == code_version("ptflow.data.dataset")
-    assert code_version("ptflow.data.dataset") != code_version("ptflow.data.tokenizer")
-    assert code_version("ptflow.train.loop", "ptflow.train.model") == code_version("ptflow.train.model", "ptflow.train.loop")
 
 
 def test_unwritable_store_raises_store_error(tmp_path):

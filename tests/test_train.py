@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -366,3 +367,50 @@ def test_doc_mask_restarts_positions_and_blocks_attention_across_documents(scrat
         leaky = net(input_ids=ids).logits[0, second:third]
     assert torch.allclose(packed, alone, atol=1e-5)  # the second document does not see the first
     assert not torch.allclose(leaky, alone, atol=1e-3)  # without doc_mask it would
+
+
+def test_key_holds_no_source_code_and_no_device_count(scratch, tokenizer_artifact, dataset, layout, monkeypatch):
+    import inspect
+
+    from ptflow.train import launch
+
+    parts = training.STAGE.key_parts(scratch, settings(), tokenizer_artifact, dataset, layout)
+    assert {"code", "world_size"}.isdisjoint(parts) and "world_size" not in parts["config"]
+    assert parts["format"] == training.STAGE.version and set(parts["libraries"]) == {"torch", "transformers", "peft"}
+    # An 8-GPU worker and a CPU worker compute the same key for the same config.
+    for devices in (1, 8):
+        monkeypatch.setattr(launch, "device_count", lambda: devices)
+        assert stage_key(training.STAGE.key_parts(scratch, settings(), tokenizer_artifact, dataset, layout)) \
+            == stage_key(parts)
+    # An edited module (a hotfix) changes no key: the source is not read at all.
+    monkeypatch.setattr(inspect, "getsource", lambda obj: pytest.fail("the key read source code"))
+    assert stage_key(training.STAGE.key_parts(scratch, settings(), tokenizer_artifact, dataset, layout)) == \
+        stage_key(parts)
+
+
+def test_a_changed_key_resumes_the_same_work_by_its_fingerprint(run_a, scratch, tokenizer_artifact, dataset, layout,
+                                                                monkeypatch, caplog):
+    with pytest.raises(Interrupt):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(10))
+    old = layout.work("train", run_a.key)
+    # A format-version bump (or a library upgrade on the worker) gives the same run a new key ...
+    monkeypatch.setattr(training, "STAGE", training.STAGE.__class__(**{**training.STAGE.__dict__, "version": 99}))
+    with caplog.at_level(logging.INFO, logger="ptflow.checkpoint"):
+        resumed = train(scratch, settings(), tokenizer_artifact, dataset, layout)
+    assert resumed.key != run_a.key
+    # ... and it continues from the newest checkpoint of the old work folder instead of step 0.
+    assert Path(resumed.stats["resumed_from"]).name == "checkpoint-8"
+    assert not old.exists()  # moved, not copied: no orphaned work folder is left behind
+    assert "resuming from checkpoint-8" in caplog.text
+    assert_same_run(resumed.dir, run_a.dir)
+
+
+def test_work_of_another_dataset_is_not_adopted(run_a, scratch, tokenizer_artifact, dataset, layout, monkeypatch):
+    with pytest.raises(Interrupt):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(6))
+    other = settings(learning_rate=settings().learning_rate * 2)  # another config: another fingerprint
+    with pytest.raises(Interrupt):
+        train(scratch, other, tokenizer_artifact, dataset, layout, on_log=interrupt_at(1))
+    work = [p for p in layout.stage_dir("train").glob("*.work") if p.name != f"{run_a.key}.work"]
+    assert len(work) == 1 and not list(work[0].glob("checkpoint-*"))  # started over, nothing adopted
+    assert (layout.work("train", run_a.key) / "checkpoint-4").is_dir()

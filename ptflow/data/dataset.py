@@ -58,8 +58,9 @@ from ptflow.data.sources import (
 from ptflow.data.stream import StreamPlan, hold_out
 from ptflow.data.tokenizer import open_tokenizer
 from ptflow.errors import DataError
-from ptflow.store.entries import Artifact, DigestMemo, build_or_reuse, code_version
+from ptflow.store.entries import Artifact, DigestMemo, build_or_reuse
 from ptflow.store.layout import Layout
+from ptflow.store.stage import Stage
 
 if TYPE_CHECKING:
     from ptflow.config.schema import DataSection
@@ -69,9 +70,6 @@ __all__ = ["STAGE", "Source", "check_sources", "components", "open_blocks", "ope
 
 log = logging.getLogger("ptflow.dataset")
 
-STAGE = "prepare_dataset"
-CODE_MODULES = ("ptflow.data.dataset", "ptflow.data.fastencode", "ptflow.data.mixing", "ptflow.data.packing", "ptflow.data.shards",
-                "ptflow.data.sources", "ptflow.data.stream")
 
 
 def resolve_all(section: "DataSection") -> tuple[list[Source], list[Source]]:
@@ -91,7 +89,7 @@ def resolve_all(section: "DataSection") -> tuple[list[Source], list[Source]]:
     return train, evals
 
 
-def components(section: "DataSection", tokenizer: Artifact, layout: Layout, seed: int) -> dict:
+def components(section: "DataSection", tokenizer: Artifact, layout: Layout, seed: int = 42) -> dict:
     return _components(section, resolve_all(section), tokenizer, layout, seed)
 
 
@@ -107,8 +105,7 @@ def _components(section: "DataSection", resolved: tuple[list[Source], list[Sourc
         config["seed"] = seed
     columns = {s.name: s.column for s in train + evals}
     sampled = {s.name: s.num_samples for s in train + evals if s.num_samples is not None}
-    return {"stage": STAGE, "code": code_version(*CODE_MODULES),
-            "config": {**config, "columns": columns, **({"num_samples": sampled} if sampled else {})},
+    return {"config": {**config, "columns": columns, **({"num_samples": sampled} if sampled else {})},
             "inputs": {"tokenizer": tokenizer.digest, "files": files}}
 
 
@@ -118,7 +115,8 @@ def _uses_seed(section: "DataSection", sources: list[Source]) -> bool:
     return bool(section.val_size) or random_mix or shuffled_stream or any(s.num_samples is not None for s in sources)
 
 
-def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout, seed: int = 42) -> Artifact:
+def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout, seed: int = 42,
+                    parts: dict | None = None) -> Artifact:
     """Tokenize (through the shard cache), mix and pack the configured datasets, or reuse an identical result."""
     resolved = resolve_all(section)
     train_sources, eval_sources = resolved
@@ -157,9 +155,14 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
                      shards_built=sum(s.built for s in shards.values()))
         return stats
 
-    artifact = build_or_reuse(layout, STAGE, _components(section, resolved, tokenizer, layout, seed), build)
+    artifact = build_or_reuse(layout, STAGE.name, parts or STAGE.key_parts(section, tokenizer, layout, seed), build)
     log_summary(artifact)
     return artifact
+
+
+# Bump `version` when a code change must rebuild stored datasets (different blocks); editing code does not.
+STAGE = Stage("prepare_dataset", version=1, components=components, build=prepare_dataset,
+              libraries=("tokenizers", "transformers"))
 
 
 def _check_streamable(sources: list[Source]) -> None:

@@ -37,18 +37,20 @@ from ptflow.data.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
 from ptflow.store.entries import (
     DigestMemo,
     build_or_reuse,
-    code_version,
     key_lock,
     lookup,
     stage_key,
     write_json_atomic,
 )
 from ptflow.store.layout import Layout
+from ptflow.store.stage import library_version
 
 log = logging.getLogger("ptflow.shards")
 
 STAGE = "tokenize"
-CODE_MODULES = ("ptflow.data.fastencode", "ptflow.data.shards", "ptflow.data.sources")
+# Bump when a code change must re-tokenize cached shards (their bytes would differ); editing code does not.
+FORMAT_VERSION = 1
+LIBRARIES = ("tokenizers", "transformers")  # their versions can change the token ids
 INLINE_BYTES = 4 << 20  # below this much text to tokenize, starting worker processes costs more than it saves
 
 
@@ -107,7 +109,12 @@ def encoding_for(tokenizer, batch_size: int) -> Encoding:
                     token_dtype(len(tokenizer)).name, batch_size)
 
 
-def shard_components(shard: Shard, file_digest: str, tokenizer_digest: str, code: str) -> dict:
+def encoder_version() -> dict:
+    """What besides the file and tokenizer decides a shard's tokens: the format version and library versions."""
+    return {"format": FORMAT_VERSION, **{name: library_version(name) for name in LIBRARIES}}
+
+
+def shard_components(shard: Shard, file_digest: str, tokenizer_digest: str, code: dict) -> dict:
     return {"stage": STAGE, "code": code,
             "config": {"format": shard.format, "compression": shard.compression, "column": shard.column,
                        "range": [shard.start, shard.stop]},
@@ -246,7 +253,7 @@ def tokenize_sources(sources: list[Source], plans: dict[str, list[Shard]], token
                      ) -> dict[str, SourceShards]:
     """Cached shards of every source (tokenizing the missing ones); `doc_limits` stops a source once it has
     that many documents (max_samples), so a debug run on a huge corpus reads only its first shards."""
-    code = code_version(*CODE_MODULES)
+    code = encoder_version()
     memo = memo or DigestMemo(layout)
     digests = {f: memo.digest(Path(f)) for s in sources for f in {sh.file for sh in plans[s.name]}}
     memo.save()
@@ -412,7 +419,7 @@ def _explain(source: Source, done: list[ShardResult], digests: dict[str, str], t
             elif prev["tokenizer"] != tokenizer_digest:
                 reason = "tokenizer changed"
             elif prev["code"] != code:
-                reason = "tokenizer code changed (ptflow/data/shards.py or sources.py)"
+                reason = "the token format version or the tokenizers/transformers version changed"
             elif prev["column"] != rs[0].shard.column:
                 reason = f"column changed ({prev['column']} -> {rs[0].shard.column})"
             else:

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptflow.errors import ModelError
-from ptflow.store.entries import Artifact, build_or_reuse, code_version, sha256_file
+from ptflow.store.entries import Artifact, build_or_reuse, sha256_file
 from ptflow.store.layout import Layout
+from ptflow.store.stage import Stage
 
 if TYPE_CHECKING:  # only annotations: open_tokenizer works without pydantic (bench/prepare_bench.py)
     from ptflow.config.schema import ModelSection
 
 log = logging.getLogger("ptflow.tokenizer")
 
-STAGE = "load_tokenizer"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
@@ -70,13 +70,13 @@ def tokenizer_source_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def components(section: ModelSection) -> dict:
+def components(section: ModelSection, layout: Layout) -> dict:
     model_dir = resolve_model_dir(section)
     inputs = {f.name: sha256_file(f) for f in tokenizer_source_files(model_dir)}
-    return {"stage": STAGE, "code": code_version(__name__), "config": section.tokenizer_fields(), "inputs": inputs}
+    return {"config": section.tokenizer_fields(), "inputs": inputs}
 
 
-def load_tokenizer(section: ModelSection, layout: Layout) -> Artifact:
+def load_tokenizer(section: ModelSection, layout: Layout, parts: dict | None = None) -> Artifact:
     """Save the (fixed) tokenizer into the store and return its artifact."""
     model_dir = resolve_model_dir(section)
 
@@ -88,7 +88,11 @@ def load_tokenizer(section: ModelSection, layout: Layout) -> Artifact:
                 "pad_token": tokenizer.pad_token, "bos_token": tokenizer.bos_token, "fixes": fixes,
                 "source": section.model_name_or_path}
 
-    return build_or_reuse(layout, STAGE, components(section), build)
+    return build_or_reuse(layout, STAGE.name, parts or STAGE.key_parts(section, layout), build)
+
+
+STAGE = Stage("load_tokenizer", version=1, components=components, build=load_tokenizer,
+              libraries=("transformers", "tokenizers"))
 
 
 def open_tokenizer(path: str | Path, use_fast: bool = True, trust_remote_code: bool = False):

@@ -22,12 +22,12 @@ from pathlib import Path
 
 from ptflow import __version__
 from ptflow.config.schema import RunConfig
-from ptflow.store.entries import Artifact, build_or_reuse, code_version
+from ptflow.store.entries import Artifact, build_or_reuse
 from ptflow.store.layout import Layout
+from ptflow.store.stage import Stage
 
 log = logging.getLogger("ptflow.card")
 
-STAGE = "write_model_card"
 SECRET = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
 FRAMEWORKS = ("torch", "transformers", "accelerate", "peft", "datasets", "prefect")
 
@@ -75,15 +75,17 @@ def framework_versions() -> dict[str, str]:
 
 
 def components(config: RunConfig, tokenizer: Artifact, dataset: Artifact, model: Artifact,
-               evaluation: Artifact | None, plots: Artifact | None) -> dict:
+               evaluation: Artifact | None, plots: Artifact | None, layout: Layout,
+               provenance: dict | None = None) -> dict:
+    """The card's key: provenance (the flow run that wrote it) is recorded in the card but not keyed."""
     inputs = {"tokenizer": tokenizer.digest, "dataset": dataset.digest, "model": model.digest,
               "evaluate": evaluation.digest if evaluation else None, "plots": plots.digest if plots else None}
-    return {"stage": STAGE, "code": code_version(__name__), "config": public_config(config), "inputs": inputs}
+    return {"config": public_config(config), "inputs": inputs}
 
 
 def write_model_card(config: RunConfig, tokenizer: Artifact, dataset: Artifact, model: Artifact,
                      evaluation: Artifact | None, plots: Artifact | None, layout: Layout,
-                     provenance: dict | None = None) -> Artifact:
+                     provenance: dict | None = None, parts: dict | None = None) -> Artifact:
     """README.md for the trained model. `provenance` (flow run id/url) is recorded but not part of the key."""
 
     def build(folder: Path) -> dict:
@@ -91,7 +93,11 @@ def write_model_card(config: RunConfig, tokenizer: Artifact, dataset: Artifact, 
         card.save(folder / "README.md")
         return {"metadata": card.data.to_dict()}
 
-    return build_or_reuse(layout, STAGE, components(config, tokenizer, dataset, model, evaluation, plots), build)
+    parts = parts or STAGE.key_parts(config, tokenizer, dataset, model, evaluation, plots, layout)
+    return build_or_reuse(layout, STAGE.name, parts, build)
+
+
+STAGE = Stage("write_model_card", version=1, components=components, build=write_model_card)
 
 
 def render_card(config, tokenizer, dataset, model, evaluation, plots, provenance):

@@ -30,17 +30,16 @@ from ptflow.store.entries import (
     Artifact,
     DigestMemo,
     build_or_reuse,
-    code_version,
     sha256_file,
     sha256_json,
 )
 from ptflow.store.layout import Layout
+from ptflow.store.stage import Stage
 from ptflow.train.eval_loss import eval_loss, perplexity
 from ptflow.train.loop import load_trained_model
 
 log = logging.getLogger("ptflow.evaluate")
 
-STAGE = "evaluate"
 MODEL_CONFIG_FILES = ("config.json", "generation_config.json", "adapter_config.json")
 
 
@@ -48,12 +47,12 @@ def eval_set_digest(dataset: Artifact) -> str:
     return sha256_file(Path(dataset.path) / "eval.npy")
 
 
-def components(section: EvalSection, model: Artifact, dataset: Artifact) -> dict:
-    return {"stage": STAGE, "code": code_version(__name__, "ptflow.data.dataset"),
-            "config": section.digest_fields(), "inputs": {"model": model.digest, "dataset": dataset.digest}}
+def components(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout) -> dict:
+    return {"config": section.digest_fields(), "inputs": {"model": model.digest, "dataset": dataset.digest}}
 
 
-def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout) -> Artifact:
+def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout,
+             parts: dict | None = None) -> Artifact:
     """eval_results.json (eval_loss, perplexity, runtime, eval set digest) for the trained model."""
 
     def build(folder: Path) -> dict:
@@ -88,7 +87,10 @@ def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: L
     blocks, _ = open_blocks(dataset, "eval")
     if len(blocks) == 0:
         raise DataError("eval.do_eval needs held-out blocks: set data.val_size (e.g. 0.05) or eval.do_eval: false")
-    return build_or_reuse(layout, STAGE, components(section, model, dataset), build)
+    return build_or_reuse(layout, STAGE.name, parts or STAGE.key_parts(section, model, dataset, layout), build)
+
+
+STAGE = Stage("evaluate", version=1, components=components, build=evaluate, libraries=("torch", "transformers"))
 
 
 def existing_model(section: ModelSection, layout: Layout) -> Artifact:

@@ -13,12 +13,12 @@ import logging
 import math
 from pathlib import Path
 
-from ptflow.store.entries import Artifact, build_or_reuse, code_version, sha256_file
+from ptflow.store.entries import Artifact, build_or_reuse, sha256_file
 from ptflow.store.layout import Layout
+from ptflow.store.stage import Stage
 
 log = logging.getLogger("ptflow.plot")
 
-STAGE = "plot_loss"
 PLOTS = {"loss": "training_loss.png", "eval_loss": "training_eval_loss.png",
          "lr": "training_lr.png", "tokens_per_s_per_device": "training_throughput.png"}
 
@@ -45,12 +45,12 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
-def components(model: Artifact) -> dict:
-    return {"stage": STAGE, "code": code_version(__name__), "config": {},
+def components(model: Artifact, layout: Layout) -> dict:
+    return {"config": {},
             "inputs": {"trainer_log": sha256_file(model.dir / "trainer_log.jsonl")}}
 
 
-def plot_loss(model: Artifact, layout: Layout) -> Artifact:
+def plot_loss(model: Artifact, layout: Layout, parts: dict | None = None) -> Artifact:
     """Plot every logged metric that is present; the artifact lists the files written."""
 
     def build(folder: Path) -> dict:
@@ -80,4 +80,7 @@ def plot_loss(model: Artifact, layout: Layout) -> Artifact:
             written.append(name)
         return {"plots": written}
 
-    return build_or_reuse(layout, STAGE, components(model), build)
+    return build_or_reuse(layout, STAGE.name, parts or STAGE.key_parts(model, layout), build)
+
+
+STAGE = Stage("plot_loss", version=1, components=components, build=plot_loss)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import importlib
-import inspect
 import json
 import logging
 import os
@@ -64,15 +62,6 @@ def sha256_file(path: Path) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def code_version(*modules: str) -> str:
-    """Hash of the source of the modules that implement a stage: editing them invalidates its cache."""
-    h = hashlib.sha256()
-    for name in sorted(modules):
-        h.update(name.encode())
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
-    return h.hexdigest()[:16]
 
 
 def tree_files(root: Path) -> Iterator[Path]:

@@ -5,7 +5,6 @@
     <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read, swept when stale
     <root>/cache/<stage>/index.json      a stage's bookkeeping (tokenize: what each file was last tokenized with)
     <root>/runs/<run_name>/              the default output_dir of a run
-    <root>/prefect-results/              Prefect's persisted task results (its cache records)
     <root>/lineage/<run_name>.jsonl      the models a run_name has trained, oldest first (continual pretraining)
 
 The root is `store:` from the config, else $PTFLOW_HOME, else ~/.cache/ptflow: a local folder,
@@ -60,8 +59,6 @@ class Layout:
     def tmp(self, stage: str, key: str) -> Path:
         return self.stage_dir(stage) / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-    def prefect_results(self) -> Path:
-        return self.root / "prefect-results"
 
     def lineage_file(self, run_name: str) -> Path:
         return self.root / "lineage" / f"{run_name}.jsonl"

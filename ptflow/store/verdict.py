@@ -4,23 +4,21 @@ The flow names each task run after this (`prepare_dataset [hit]`, `train [resume
 removes the store entries of stages the config forces (`orchestration.force` / `from_stage`) so
 they are rebuilt, and finds artifacts that another worker built by their key.
 
-    verdict = predict(layout, ptflow.dataset, {"section": cfg.data, "tokenizer": tok, "layout": layout, "seed": 42})
+    verdict = predict(layout, dataset.STAGE.plan(cfg.data, tok, layout, 42))
     verdict.label   # "hit", "miss" or "resume from step 10"
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 from ptflow.errors import StoreError
-from ptflow.store.entries import Artifact, explain_miss, key_lock, lookup, stage_key
+from ptflow.store.entries import Artifact, explain_miss, key_lock, lookup
 from ptflow.store.layout import Layout
+from ptflow.store.stage import Planned
 from ptflow.train.checkpoint import is_complete, list_checkpoints
 
 log = logging.getLogger("ptflow.plan")
@@ -43,19 +41,13 @@ class Verdict:
         return f"resume from step {self.resume_step}" if self.resume_step else "miss"
 
 
-def stage_components(stage_module: ModuleType, parameters: dict[str, Any]) -> dict:
-    """The stage's key components from the arguments its task is called with (extra arguments ignored)."""
-    accepted = set(inspect.signature(stage_module.components).parameters)
-    return stage_module.components(**{k: v for k, v in parameters.items() if k in accepted})
-
-
-def predict(layout: Layout, stage_module: ModuleType, parameters: dict[str, Any]) -> Verdict:
-    parts = stage_components(stage_module, parameters)
-    stage, key = stage_module.STAGE, stage_key(parts)
+def predict(layout: Layout, planned: Planned) -> Verdict:
+    """What the store holds for a planned stage: its entry (a hit), a resumable build, or a miss and why."""
+    stage, key = planned.stage.name, planned.key
     found, damage = lookup(layout, stage, key)
     if found:
         return Verdict(stage, key, True)
-    reason = damage or explain_miss(layout, stage, parts)
+    reason = damage or explain_miss(layout, stage, planned.parts)
     return Verdict(stage, key, False, reason, _resume_step(layout.work(stage, key)))
 
 

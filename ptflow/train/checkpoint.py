@@ -86,6 +86,44 @@ def newest_valid(folder: Path) -> Path | None:
     return None
 
 
+def adopt_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
+    """Find resumable work by its fingerprint when this key's work folder holds no checkpoint.
+
+    A run's key can change while its data, tokenizer and config do not (a stage format version
+    bump, a library upgrade on the workers): the newest intact checkpoint in another work folder
+    of the stage (`<key>.work` beside `folder`) whose fingerprint matches is moved here with that
+    folder's log, so the run continues instead of starting over. Returns the adopted checkpoint.
+    """
+    if newest_valid(folder) is not None:
+        return None
+    found: list[tuple[int, Path]] = []
+    for work in sorted(folder.parent.glob("*.work")):
+        if work == folder:
+            continue
+        for step, path in reversed(list_checkpoints(work)):
+            if is_complete(path) and _fingerprint_matches(path, fingerprint):
+                found.append((step, path))
+                break
+    if not found:
+        return None
+    step, source = max(found)
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in source.parent.iterdir():  # its checkpoints and its log: the run continues where it stopped
+        os.replace(entry, folder / entry.name)
+    source.parent.rmdir()
+    log.info("checkpoint: resuming from %s of %s (same data, tokenizer and config; its key changed: format "
+             "version or library versions)", source.name, source.parent.name[:12])
+    return folder / source.name
+
+
+def _fingerprint_matches(path: Path, fingerprint: dict) -> bool:
+    try:
+        found = json.loads((path / META).read_text()).get("fingerprint", {})
+    except (OSError, ValueError):
+        return False
+    return all(found.get(k) == v for k, v in fingerprint.items())
+
+
 def check_fingerprint(path: Path, expected: dict) -> dict:
     """The checkpoint's metadata, or CheckpointError naming each field that differs."""
     if not is_complete(path):

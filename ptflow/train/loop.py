@@ -38,12 +38,13 @@ from ptflow.store.entries import (
     Artifact,
     DigestMemo,
     build_or_reuse,
-    code_version,
     sha256_json,
 )
 from ptflow.store.layout import Layout
+from ptflow.store.stage import Stage
 from ptflow.train import checkpoint as ckpt
 from ptflow.train import sharding
+from ptflow.train.checkpoint import adopt_checkpoints
 from ptflow.train.eval_loss import batch_tensors, eval_loss, perplexity
 from ptflow.train.kernels import apply_speedups, attention_backend, base_causal_lm
 from ptflow.train.launch import launch_training, resolve_num_processes, spec_for
@@ -62,9 +63,6 @@ from ptflow.train.telemetry import (
 
 log = logging.getLogger("ptflow.train")
 
-STAGE = "train"
-CODE_MODULES = ("ptflow.train.loop", "ptflow.train.model", "ptflow.train.checkpoint", "ptflow.publish.evaluate", "ptflow.train.kernels",
-                "ptflow.train.launch", "ptflow.data.packing", "ptflow.data.stream", "ptflow.train.sharding")
 LogCallback = Callable[[dict], None]
 
 
@@ -100,35 +98,42 @@ def plan_steps(train: TrainSection, n_blocks: int | None, world_size: int) -> tu
 
 
 def components(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset: Artifact,
-               layout: Layout, seed: int) -> dict:
+               layout: Layout, seed: int = 42) -> dict:
     model_dir = resolve_model_dir(model, weights=not model.train_from_scratch)
     memo = DigestMemo(layout)
     model_inputs = {f.name: memo.digest(f) for f in model_files(model_dir, model.train_from_scratch)}
     memo.save()
     model_fields = model.model_dump(mode="json")
     model_fields.pop("model_name_or_path")  # content, not location
-    # The number of processes changes the global batch, hence the weights: it is part of the key.
-    return {"stage": STAGE, "code": code_version(*CODE_MODULES), "config": {"model": model_fields,
-            "train": train.digest_fields(), "seed": seed, "world_size": resolve_num_processes(train.num_processes)},
+    # The key holds train.num_processes as configured (unset: every device of the worker that trains), never
+    # the device count of the machine computing the key: a CPU worker and an 8-GPU worker must agree. The
+    # world size a run trains with is recorded in its checkpoints' fingerprint and the entry's stats.
+    return {"config": {"model": model_fields, "train": train.digest_fields(), "seed": seed},
             "inputs": {"tokenizer": tokenizer.digest, "dataset": dataset.digest, "model": model_inputs}}
 
 
 def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset: Artifact, layout: Layout,
-          seed: int = 42, on_log: LogCallback | None = None) -> Artifact:
+          seed: int = 42, on_log: LogCallback | None = None, parts: dict | None = None) -> Artifact:
     """Train (or resume) and store the final model; reuse it when nothing it depends on changed."""
-    parts = components(model, train, tokenizer, dataset, layout, seed)
+    parts = parts or STAGE.key_parts(model, train, tokenizer, dataset, layout, seed)
 
     def build(folder: Path) -> dict:
         fingerprint = {"dataset": dataset.digest, "tokenizer": tokenizer.digest,
                        "train_config": sha256_json(parts["config"])[:16]}
-        world = parts["config"]["world_size"]
+        adopt_checkpoints(folder, fingerprint)
+        world = resolve_num_processes(train.num_processes)
         if world > 1 and not os.environ.get("PTFLOW_LAUNCHED"):
             spec = spec_for(folder, model, train, tokenizer, dataset, seed, fingerprint)
             return launch_training(folder, spec, world, on_log)
         return run_training(folder, model, train, tokenizer, dataset, seed, fingerprint, on_log)
 
-    return build_or_reuse(layout, STAGE, parts, build, resumable=True,
+    return build_or_reuse(layout, STAGE.name, parts, build, resumable=True,
                           skip_digest=lambda rel: rel.startswith("checkpoint-"))
+
+
+# Bump `version` when a code change must retrain stored models; editing code does not (see store/stage.py),
+# and an in-flight run whose key changed (a version bump, a library upgrade) resumes by its fingerprint.
+STAGE = Stage("train", version=1, components=components, build=train, libraries=("torch", "transformers", "peft"))
 
 
 def run_training(folder: Path, model_section: ModelSection, train: TrainSection, tokenizer: Artifact,

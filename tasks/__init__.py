@@ -1,17 +1,17 @@
-"""Prefect tasks: thin wrappers over ptflow's stage functions (cache key, retries, artifacts).
+"""Prefect tasks: thin wrappers over ptflow's stage functions (retries, artifacts).
 
-Importing this package routes the `ptflow` logger into Prefect's run logs (UI and console),
-and keeps Prefect from printing a traceback for ptflow's own errors (PtflowError): their
-message already names what is wrong and how to fix it, as the CLI prints it.
+Importing this package keeps Prefect from printing a traceback for ptflow's own errors
+(PtflowError): their message already names what is wrong and how to fix it, as the CLI prints
+it. ptflow's log lines reach Prefect's run logs through Prefect's own setting
+`PREFECT_LOGGING_EXTRA_LOGGERS=ptflow`, configured where Prefect is configured: the CLI's
+environment for local runs, the deployments' job variables (prefect.yaml) and the worker image
+for runs a worker launches — Prefect reads it when its engine starts, before this module loads.
 """
 
 import logging
-import os
 
 from ptflow.errors import PtflowError
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ptflow")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 logging.getLogger("ptflow").setLevel(logging.INFO)
 
 

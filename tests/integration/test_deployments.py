@@ -139,6 +139,13 @@ def train_child(stack: Stack, parent):
     return children[0]
 
 
+def log_lines(stack: Stack, flow_run) -> list[object]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client(stack) as api:
+        return api.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+
+
 def artifacts(stack: Stack, flow_run) -> dict[str, object]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -197,6 +204,14 @@ def test_failed_training_then_rerun_reuses_stages_and_resumes_from_checkpoint(st
     assert (child.work_pool_name, child.deployment_id is not None, child.state.type.value) == ("gpu", True, "COMPLETED")
     assert child.parameters["tokenizer_key"] and child.parameters["dataset_key"]
     assert task_runs(stack, child)["train [resume from step 10]"].state.type.value == "COMPLETED"
+    # ptflow's own log lines reach the API from runs a worker launched (the job variables of prefect.yaml
+    # configure Prefect's logging; the workers' own environment has no PREFECT_* setting).
+    child_logs = log_lines(stack, child)
+    assert any(r.name == "ptflow.train" and "step 20/20" in r.message for r in child_logs), \
+        sorted({r.name for r in child_logs})
+    assert any(r.name.startswith("ptflow.") for r in log_lines(stack, rerun))
+    assert "evaluate [miss]" in task_runs(stack, child)  # evaluation ran where the model is (the gpu pool)
+    assert "evaluate [hit]" in task_runs(stack, rerun)
     assert artifacts(stack, child)["train-progress"].data == 100.0
 
     found = artifacts(stack, rerun)

@@ -342,8 +342,6 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
             if stream is not None:
                 cursors.pop(done - 1, None)
             faults.point(f"train:step-{done}")
-            if done == int(os.environ.get("PTFLOW_TEST_FAIL_AFTER_STEP", 0)):  # fault injection for tests
-                raise TrainingError(f"train: injected failure after step {done} (PTFLOW_TEST_FAIL_AFTER_STEP)")
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
         progress.close()

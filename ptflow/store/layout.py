@@ -2,7 +2,7 @@
 
     <root>/cache/<stage>/<key>/          a finished artifact (manifest.json last, then renamed in)
     <root>/cache/<stage>/<key>.work/     a resumable stage's work in progress (training checkpoints)
-    <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read, swept when stale
+    <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read; `ptflow cache gc` removes stale ones
     <root>/cache/<stage>/index.json      a stage's bookkeeping (tokenize: what each file was last tokenized with)
     <root>/runs/<run_name>/              the default output_dir of a run
     <root>/lineage/<run_name>.jsonl      the models a run_name has trained, oldest first (continual pretraining)

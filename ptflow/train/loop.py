@@ -4,7 +4,7 @@ The batch for optimizer step `s` is a pure function of (seed, s): each epoch is 
 permutation of the blocks, so resuming at step s seeks straight to its batch (no replay of
 consumed batches) and a resumed run sees exactly the batches of an uninterrupted one.
 Checkpoints go to `checkpoint-<step>/` inside the stage's work folder; a re-run of the same
-key resumes from the newest complete one. Runs on its own under `accelerate launch`.
+key resumes from the newest complete one. Runs on its own, or one process per rank under torchrun (ptflow/train/launch.py).
 
 Writes LLaMA-Factory/HF Trainer files: model.safetensors + config.json (or the LoRA
 adapter), tokenizer files, trainer_log.jsonl, trainer_state.json, train_results.json.

@@ -10,6 +10,7 @@ training rather than after it. All problems are collected and raised together as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,9 +28,20 @@ from ptflow.store.layout import Layout
 from ptflow.train.model import model_files
 
 
-def preflight(config: RunConfig, source: str = "config") -> None:
-    """Raise PreflightError listing every problem found."""
+_PASSED: set[str] = set()  # configs this process already checked: the CLI checks before Prefect starts, the flow again
 
+
+def preflight(config: RunConfig, source: str = "config") -> None:
+    """Raise PreflightError listing every problem found; a config that passed in this process is not re-checked."""
+    token = config.output.hub_token.get_secret_value() if config.output.hub_token else ""
+    digest = hashlib.sha256(f"{config.model_dump_json()}\0{token}".encode()).hexdigest()
+    if digest in _PASSED:
+        return
+    _check(config, source)
+    _PASSED.add(digest)
+
+
+def _check(config: RunConfig, source: str) -> None:
     problems = []
     model_dir = None
     try:

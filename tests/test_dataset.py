@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from ptflow.config.schema import DataSection
 from ptflow.data.dataset import open_blocks, prepare_dataset, split_indices
 from ptflow.data.tokenizer import open_tokenizer
 from ptflow.errors import DataError
+from ptflow.store.layout import Layout
 
 THREE = [json.loads(line)["text"] for line in (ASSETS / "three_docs.jsonl").read_text().splitlines()]
 EOS, BOS, PAD = 1, 0, 2
@@ -528,4 +530,33 @@ def test_worker_processes_give_the_same_blocks(tiny_data_dir, tokenizer_artifact
     pooled = prepare_dataset(data(tiny_data_dir, "stdlib_docs,three", cutoff_len=32, preprocessing_num_workers=2),
                              tokenizer_artifact, type(layout)(layout.root.parent / "pool-store"))
     assert pooled.stats["shards_built"] == inline.stats["shards_built"] > 2
+    assert pooled.digest == inline.digest
+
+
+def test_truncation_and_padding_in_tokenizer_json_are_not_applied(tmp_path, tiny_data_dir, monkeypatch):
+    """A tokenizer.json with truncation.max_length 8 and fixed padding to 16: every path encodes as
+    `tokenizer(texts, add_special_tokens=False)` does -- whole documents, no [PAD] -- inline and in workers."""
+    from tiny_assets import copy_capped_tokenizer
+
+    from ptflow.config.schema import ModelSection
+    from ptflow.data import shards
+    from ptflow.data.tokenizer import load_tokenizer
+
+    layout = Layout(tmp_path / "store")
+    capped = load_tokenizer(ModelSection(model_name_or_path=str(copy_capped_tokenizer(tmp_path / "capped"))), layout)
+    rust = json.loads((Path(capped.path) / "tokenizer.json").read_text())
+    assert rust["truncation"]["max_length"] == 8 and rust["padding"]["strategy"] == {"Fixed": 16}
+    tok = open_tokenizer(capped.path)
+    texts = [json.loads(line)["text"] for line in (tiny_data_dir / "corpus.jsonl").read_text().splitlines()]
+    expected = stream_of(tok, texts)
+    assert max(map(len, tok(texts, add_special_tokens=False)["input_ids"])) > 100  # the reference is not capped
+    section = data(tiny_data_dir, "stdlib_docs", cutoff_len=16, eval_dataset="three")
+    inline = prepare_dataset(section, capped, layout)
+    blocks, _ = open_blocks(inline, "train")
+    assert blocks.ravel().tolist() == expected[: blocks.size] and blocks.size == len(expected) // 16 * 16
+    eval_blocks, _ = open_blocks(inline, "eval")
+    assert eval_blocks.ravel().tolist() == stream_of(tok, THREE)[: eval_blocks.size]
+    monkeypatch.setattr(shards, "INLINE_BYTES", 0)
+    pooled = prepare_dataset(section.model_copy(update={"preprocessing_num_workers": 2}), capped,
+                             Layout(tmp_path / "pool-store"))
     assert pooled.digest == inline.digest

@@ -130,6 +130,18 @@ def encode_texts(texts: list[str], encode: Callable[[list[str]], list[list[int]]
     return tokens, ends
 
 
+def plain_backend(rust):
+    """The Rust tokenizer without the truncation and padding its tokenizer.json may carry (BERT-family and
+    sentence-transformers files ship `max_length: 128` and fixed padding): `tokenizer(texts)` applies neither
+    by default, the Rust pipeline both. A copy, so the caller's tokenizer is left as it was."""
+    if rust.truncation is None and rust.padding is None:
+        return rust
+    plain = type(rust).from_str(rust.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
 class Encoder:
     """texts -> id lists, exactly as `tokenizer(texts, add_special_tokens=False)`; the fast word path when it applies.
 
@@ -140,7 +152,8 @@ class Encoder:
     SAMPLE_DOCS, SAMPLE_CHARS = 4, 8192
 
     def __init__(self, rust=None, slow_tokenizer=None):
-        self.rust, self.slow_tokenizer = rust, slow_tokenizer
+        self.rust, self.slow_tokenizer = plain_backend(rust) if rust is not None else None, slow_tokenizer
+        rust = self.rust
         self.fast = WordEncoder.for_tokenizer(rust) if rust is not None else None
 
     @classmethod

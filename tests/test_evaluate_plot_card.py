@@ -70,12 +70,13 @@ def test_evaluate_reports_finite_token_weighted_loss(trained, dataset, layout):
     a, b = one.stats, seven.stats
     assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-6)  # batches of 7 + the rest
     assert math.isfinite(a["eval_loss"]) and a["eval_loss"] < math.log(4096)
-    assert a["perplexity"] == pytest.approx(math.exp(a["eval_loss"]))
+    assert a["perplexity"] == a["eval_perplexity"] == pytest.approx(math.exp(a["eval_loss"]))
     assert a["eval_blocks"] == dataset.stats["eval_blocks"] > 7
     assert a["eval_tokens"] == a["eval_blocks"] * (CUTOFF - 1)
     assert a["eval_set_digest"] == b["eval_set_digest"] and len(a["eval_set_digest"]) == 64
     written = json.loads((one.dir / "eval_results.json").read_text())
-    assert written["eval_loss"] == a["eval_loss"] and written["perplexity"] == a["perplexity"]
+    assert written["eval_loss"] == a["eval_loss"]
+    assert written["perplexity"] == written["eval_perplexity"] == a["perplexity"]
     merged = json.loads((one.dir / "all_results.json").read_text())
     assert {"train_loss", "train_runtime", "eval_loss", "perplexity", "epoch"} <= set(merged)
 

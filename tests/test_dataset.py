@@ -6,15 +6,18 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_assets import ASSETS, write_dataset_info
+from tiny_assets import ASSETS, QUICKSTART, write_dataset_info
 
 from ptflow.config.schema import DataSection
-from ptflow.data.dataset import open_blocks, prepare_dataset, split_indices
+from ptflow.data.dataset import held_out, open_blocks, prepare_dataset
+from ptflow.data.shards import content_hashes
 from ptflow.data.tokenizer import open_tokenizer
 from ptflow.errors import DataError
+from ptflow.store.layout import Layout
 
 THREE = [json.loads(line)["text"] for line in (ASSETS / "three_docs.jsonl").read_text().splitlines()]
 EOS, BOS, PAD = 1, 0, 2
@@ -119,38 +122,95 @@ def test_no_packing_truncates_each_document_and_writes_lengths(tiny_data_dir, to
     assert artifact.stats["packing"] is False
 
 
-def test_val_size_fraction(tiny_data_dir, tokenizer_artifact, layout):
+def corpus_texts(data_dir) -> list[str]:
+    return [json.loads(line)["text"] for line in (data_dir / "corpus.jsonl").read_text().splitlines()]
+
+
+def split_reference(tok, texts, val_size, cutoff_len=64):
+    """(train blocks, eval blocks, held mask) as val_size defines them: documents held out by content hash, each
+    split packed on its own."""
+    held = held_out(content_hashes(texts), val_size)
+
+    def packed(docs):
+        stream = stream_of(tok, docs)
+        return np.array(stream[: len(stream) // cutoff_len * cutoff_len]).reshape(-1, cutoff_len)
+
+    return packed([t for t, h in zip(texts, held) if not h]), packed([t for t, h in zip(texts, held) if h]), held
+
+
+def test_val_size_fraction_holds_out_documents_before_packing(tiny_data_dir, tokenizer_artifact, tok, layout):
     artifact = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, val_size=0.1),
                                tokenizer_artifact, layout)
-    n = artifact.stats["train_blocks"] + artifact.stats["eval_blocks"]
-    assert n == 34_627 // 64 == 541
-    assert artifact.stats["eval_blocks"] == math.ceil(0.1 * 541) == 55
-    train, _ = open_blocks(artifact, "train")
-    held, _ = open_blocks(artifact, "eval")
-    assert (len(train), len(held)) == (486, 55)
-    # The split is a partition of the packed blocks: no block is both trained and evaluated on.
-    assert not {row.tobytes() for row in np.asarray(train)} & {row.tobytes() for row in np.asarray(held)}
+    want_train, want_eval, held = split_reference(tok, corpus_texts(tiny_data_dir), 0.1)
+    assert 10 <= held.sum() <= 30  # about a tenth of the 200 documents
+    np.testing.assert_array_equal(open_blocks(artifact, "train")[0], want_train)
+    np.testing.assert_array_equal(open_blocks(artifact, "eval")[0], want_eval)
+    assert artifact.stats["sources"]["stdlib_docs (eval)"]["documents"] == held.sum()
+    assert artifact.stats["sources"]["stdlib_docs"]["documents"] == 200 - held.sum()
 
 
-def test_val_size_count(tiny_data_dir, tokenizer_artifact, layout):
-    artifact = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, val_size=3),
+def test_val_size_count_holds_out_that_many_documents(tiny_data_dir, tokenizer_artifact, tok, layout):
+    artifact = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, val_size=12),
                                tokenizer_artifact, layout)
-    assert (artifact.stats["train_blocks"], artifact.stats["eval_blocks"]) == (538, 3)
+    want_train, want_eval, held = split_reference(tok, corpus_texts(tiny_data_dir), 12)
+    assert held.sum() == 12 == artifact.stats["sources"]["stdlib_docs (eval)"]["documents"]
+    np.testing.assert_array_equal(open_blocks(artifact, "eval")[0], want_eval)
+    np.testing.assert_array_equal(open_blocks(artifact, "train")[0], want_train)
 
 
-@pytest.mark.parametrize("val_size, n_eval", [(4, 4), (0.99, 4), (0.8, 4)])
-def test_val_size_too_large(tiny_data_dir, tokenizer_artifact, layout, val_size, n_eval):
-    with pytest.raises(DataError, match=rf"data\.val_size: {float(val_size)} asks for {n_eval} of 4 blocks, leaving none to "
-                                        "train on"):
-        prepare_dataset(data(tiny_data_dir, cutoff_len=10, val_size=val_size), tokenizer_artifact, layout)
+@pytest.mark.parametrize("val_size, cutoff_len, message", [
+    (3, 10, r"data\.val_size: 3 asks for 3 of 3 distinct documents, leaving none to train on"),
+    (0.9999999, 10, r"data\.val_size: 0\.9999999 holds out all 3 documents, leaving none to train on"),
+    (1, 1024, r"data\.val_size: 1: \d+ tokens make no block of cutoff_len=1024; 1 documents are held out; raise "
+            r"data\.val_size"),
+])
+def test_val_size_too_large_or_too_small(tiny_data_dir, tokenizer_artifact, layout, val_size, cutoff_len, message):
+    with pytest.raises(DataError, match=message):
+        prepare_dataset(data(tiny_data_dir, "three" if cutoff_len == 10 else "stdlib_docs", cutoff_len=cutoff_len,
+                             val_size=val_size), tokenizer_artifact, layout)
     assert [p.name for p in layout.stage_dir("prepare_dataset").iterdir() if not p.name.endswith(".lock")] == []
 
 
-def test_split_is_seeded():
-    a_train, a_eval = split_indices(100, 0.1, seed=1)
-    assert len(a_eval) == 10 and sorted(np.concatenate([a_train, a_eval]).tolist()) == list(range(100))
-    assert split_indices(100, 0.1, seed=1)[1].tolist() == a_eval.tolist()
-    assert split_indices(100, 0.1, seed=2)[1].tolist() != a_eval.tolist()
+def test_held_out_documents_depend_on_their_content_alone():
+    texts = [f"document number {i}" for i in range(2000)]
+    hashes = content_hashes(texts)
+    assert 150 <= held_out(hashes, 0.1).sum() <= 250
+    grown = content_hashes(texts + [f"new document {i}" for i in range(40)])
+    assert held_out(grown, 0.1)[:2000].tolist() == held_out(hashes, 0.1).tolist()
+    # A count: the grown corpus's held-out documents that existed before were held out before.
+    before, after = held_out(hashes, 100), held_out(grown, 100)[:2000]
+    assert before.sum() == 100 and not (after & ~before).any()
+    dup = content_hashes(texts[:50] + texts[:50])
+    assert held_out(dup, 10)[:50].tolist() == held_out(dup, 10)[50:].tolist()  # copies stay together
+
+
+@pytest.mark.parametrize("val_size", [0.1, 20])
+def test_a_grown_corpus_never_evaluates_on_earlier_training_documents(tmp_path, tokenizer_artifact, val_size):
+    """Night 1 trains on 200 documents; night 2's corpus has 2% more (4 documents, inserted at the front, which
+    shifts every block): no night-2 eval document or block was trained on by night 1."""
+    lines = (QUICKSTART / "data" / "corpus.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:200]
+    new = [json.dumps({"text": f"A new document {i} about nothing in particular."}) + "\n" for i in range(4)]
+    nights = []
+    for n, content in enumerate(["".join(lines), "".join(new + lines)]):
+        folder = make_data_dir(tmp_path / f"night{n}", {"corpus.jsonl": content})
+        nights.append(prepare_dataset(data(folder, "corpus", cutoff_len=64, val_size=val_size), tokenizer_artifact,
+                                      Layout(tmp_path / "store")))
+
+    def documents(artifact, split):
+        blocks = np.asarray(open_blocks(artifact, split)[0])
+        docs, current = set(), []
+        for t in blocks.ravel().tolist():
+            current.append(t)
+            if t == EOS:
+                docs.add(tuple(current))
+                current = []
+        return docs, {row.tobytes() for row in blocks}
+
+    trained_docs, trained_blocks = documents(nights[0], "train")
+    eval_docs, eval_blocks = documents(nights[1], "eval")
+    assert len(eval_docs) >= 5
+    assert not eval_docs & trained_docs
+    assert not eval_blocks & trained_blocks
 
 
 def test_missing_dataset_name_lists_available_ones(tiny_data_dir, tokenizer_artifact, layout):
@@ -272,12 +332,18 @@ def test_moved_data_hits_and_edited_data_misses(tiny_data_dir, tokenizer_artifac
     assert edited.reason.startswith("changed inputs.files.three/three_docs.jsonl: ")
 
 
-def test_seed_is_part_of_the_key_only_with_a_split(tiny_data_dir, tokenizer_artifact, layout):
+def test_seed_is_not_part_of_the_key_of_a_content_split(tiny_data_dir, tokenizer_artifact, layout):
     no_split = prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout, seed=1)
     assert prepare_dataset(data(tiny_data_dir, cutoff_len=10), tokenizer_artifact, layout, seed=2).key == no_split.key
-    split = prepare_dataset(data(tiny_data_dir, cutoff_len=10, val_size=1), tokenizer_artifact, layout, seed=1)
-    other = prepare_dataset(data(tiny_data_dir, cutoff_len=10, val_size=1), tokenizer_artifact, layout, seed=2)
-    assert other.key != split.key and other.reason == "changed config.seed: 1 -> 2"
+    split = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=10, val_size=5), tokenizer_artifact,
+                            layout, seed=1)
+    assert prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=10, val_size=5), tokenizer_artifact,
+                           layout, seed=2).key == split.key
+    mixed = dict(dataset="stdlib_docs,three", cutoff_len=10, mix_strategy="interleave_over",
+                 interleave_probs=[0.5, 0.5])
+    one = prepare_dataset(data(tiny_data_dir, **mixed), tokenizer_artifact, layout, seed=1)
+    other = prepare_dataset(data(tiny_data_dir, **mixed), tokenizer_artifact, layout, seed=2)
+    assert other.key != one.key and other.reason == "changed config.seed: 1 -> 2"
 
 
 # --------------------------------------------------------------------------- LLaMA-Factory's flaws, fixed
@@ -320,19 +386,20 @@ def test_doc_mask_records_document_starts(tiny_data_dir, tokenizer_artifact, lay
                            "train") is None
 
 
-def test_doc_mask_follows_the_val_split(tiny_data_dir, tokenizer_artifact, layout):
+def test_doc_mask_follows_the_val_split(tiny_data_dir, tokenizer_artifact, tok, layout):
     from ptflow.data.dataset import open_doc_starts
+    from ptflow.data.packing import doc_starts
 
-    full = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, doc_mask=True), tokenizer_artifact,
-                           layout)
     split = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64, doc_mask=True, val_size=0.1),
-                            tokenizer_artifact, layout, seed=3)
-    every = open_doc_starts(full, "train")
-    train_idx, eval_idx = split_indices(541, 0.1, 3)
-    for name, idx in (("train", train_idx), ("eval", eval_idx)):
+                            tokenizer_artifact, layout)
+    texts = corpus_texts(tiny_data_dir)
+    held = held_out(content_hashes(texts), 0.1)
+    for name, want in (("train", False), ("eval", True)):
+        ends = np.cumsum([len(stream_of(tok, [t])) for t, h in zip(texts, held) if h == want])
+        offsets, starts = doc_starts(ends, int(ends[-1]) // 64, 64)
         mine = open_doc_starts(split, name)
-        assert len(mine) == len(idx)
-        assert all(mine[k].tolist() == every[i].tolist() for k, i in enumerate(idx))
+        assert len(mine) == len(offsets) - 1 == split.stats[f"{name}_blocks"]
+        assert all(mine[k].tolist() == starts[offsets[k]: offsets[k + 1]].tolist() for k in range(len(mine)))
 
 
 def test_eval_dataset_packs_its_own_blocks(tiny_data_dir, tokenizer_artifact, tok, layout):
@@ -528,4 +595,33 @@ def test_worker_processes_give_the_same_blocks(tiny_data_dir, tokenizer_artifact
     pooled = prepare_dataset(data(tiny_data_dir, "stdlib_docs,three", cutoff_len=32, preprocessing_num_workers=2),
                              tokenizer_artifact, type(layout)(layout.root.parent / "pool-store"))
     assert pooled.stats["shards_built"] == inline.stats["shards_built"] > 2
+    assert pooled.digest == inline.digest
+
+
+def test_truncation_and_padding_in_tokenizer_json_are_not_applied(tmp_path, tiny_data_dir, monkeypatch):
+    """A tokenizer.json with truncation.max_length 8 and fixed padding to 16: every path encodes as
+    `tokenizer(texts, add_special_tokens=False)` does -- whole documents, no [PAD] -- inline and in workers."""
+    from tiny_assets import copy_capped_tokenizer
+
+    from ptflow.config.schema import ModelSection
+    from ptflow.data import shards
+    from ptflow.data.tokenizer import load_tokenizer
+
+    layout = Layout(tmp_path / "store")
+    capped = load_tokenizer(ModelSection(model_name_or_path=str(copy_capped_tokenizer(tmp_path / "capped"))), layout)
+    rust = json.loads((Path(capped.path) / "tokenizer.json").read_text())
+    assert rust["truncation"]["max_length"] == 8 and rust["padding"]["strategy"] == {"Fixed": 16}
+    tok = open_tokenizer(capped.path)
+    texts = [json.loads(line)["text"] for line in (tiny_data_dir / "corpus.jsonl").read_text().splitlines()]
+    expected = stream_of(tok, texts)
+    assert max(map(len, tok(texts, add_special_tokens=False)["input_ids"])) > 100  # the reference is not capped
+    section = data(tiny_data_dir, "stdlib_docs", cutoff_len=16, eval_dataset="three")
+    inline = prepare_dataset(section, capped, layout)
+    blocks, _ = open_blocks(inline, "train")
+    assert blocks.ravel().tolist() == expected[: blocks.size] and blocks.size == len(expected) // 16 * 16
+    eval_blocks, _ = open_blocks(inline, "eval")
+    assert eval_blocks.ravel().tolist() == stream_of(tok, THREE)[: eval_blocks.size]
+    monkeypatch.setattr(shards, "INLINE_BYTES", 0)
+    pooled = prepare_dataset(section.model_copy(update={"preprocessing_num_workers": 2}), capped,
+                             Layout(tmp_path / "pool-store"))
     assert pooled.digest == inline.digest

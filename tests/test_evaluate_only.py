@@ -48,7 +48,7 @@ def test_evaluate_an_existing_model_then_hit_from_a_moved_copy(tiny_weights_dir,
     model = existing_model(ModelSection(model_name_or_path=str(tiny_weights_dir)), layout)
     first = evaluate(EvalSection(per_device_eval_batch_size=4), model, held_out, layout)
     assert not first.hit and first.stats["model_digest"] == model.digest
-    assert math.isfinite(first.stats["eval_loss"]) and first.stats["eval_blocks"] == 6
+    assert math.isfinite(first.stats["eval_loss"]) and first.stats["eval_blocks"] == held_out.stats["eval_blocks"] > 6
     assert first.stats["epoch"] is None  # no train_results.json beside this model
     assert first.stats["device"] in ("cpu", "cuda")
     moved = existing_model(ModelSection(model_name_or_path=str(shutil.copytree(tiny_weights_dir, tmp_path / "m"))),

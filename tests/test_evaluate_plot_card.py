@@ -23,20 +23,22 @@ from ptflow.train.eval_loss import eval_loss, perplexity
 from ptflow.train.loop import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
-EVAL_BLOCKS, CUTOFF = 10, 16
+EVAL_DOCS, CUTOFF = 8, 16  # documents held out: more blocks than one batch of 7
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval-data")
-    (folder / "rep.jsonl").write_text((ASSETS / "three_docs.jsonl").read_text() * 10)
+    texts = [json.loads(line)["text"] for line in (ASSETS / "three_docs.jsonl").read_text().splitlines()]
+    (folder / "rep.jsonl").write_text("".join(json.dumps({"text": f"{t} ({i})"}) + "\n" for i in range(10)
+                                              for t in texts))  # 30 distinct documents, 3 texts varied
     return write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})
 
 
 @pytest.fixture(scope="module")
 def dataset(data_dir, tokenizer_artifact, session_layout):
     return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(data_dir), cutoff_len=CUTOFF,
-                                       val_size=EVAL_BLOCKS), tokenizer_artifact, session_layout)
+                                       val_size=EVAL_DOCS), tokenizer_artifact, session_layout)
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +68,15 @@ def test_evaluate_reports_finite_token_weighted_loss(trained, dataset, layout):
     seven = evaluate(EvalSection(per_device_eval_batch_size=7), trained, dataset, layout)
     assert not one.hit and not seven.hit
     a, b = one.stats, seven.stats
-    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-6)  # 10 blocks: batches of 7 + 3
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-6)  # batches of 7 + the rest
     assert math.isfinite(a["eval_loss"]) and a["eval_loss"] < math.log(4096)
-    assert a["perplexity"] == pytest.approx(math.exp(a["eval_loss"]))
-    assert (a["eval_tokens"], a["eval_blocks"]) == (EVAL_BLOCKS * (CUTOFF - 1), EVAL_BLOCKS)
+    assert a["perplexity"] == a["eval_perplexity"] == pytest.approx(math.exp(a["eval_loss"]))
+    assert a["eval_blocks"] == dataset.stats["eval_blocks"] > 7
+    assert a["eval_tokens"] == a["eval_blocks"] * (CUTOFF - 1)
     assert a["eval_set_digest"] == b["eval_set_digest"] and len(a["eval_set_digest"]) == 64
     written = json.loads((one.dir / "eval_results.json").read_text())
-    assert written["eval_loss"] == a["eval_loss"] and written["perplexity"] == a["perplexity"]
+    assert written["eval_loss"] == a["eval_loss"]
+    assert written["perplexity"] == written["eval_perplexity"] == a["perplexity"]
     merged = json.loads((one.dir / "all_results.json").read_text())
     assert {"train_loss", "train_runtime", "eval_loss", "perplexity", "epoch"} <= set(merged)
 
@@ -189,7 +193,7 @@ def test_smooth():
 def card(make_config, data_dir, tokenizer_artifact, dataset, trained, evaluation, session_layout):
     plots = plot_loss(trained, session_layout)
     config = make_config(data={"dataset": "rep", "dataset_dir": str(data_dir), "cutoff_len": CUTOFF,
-                               "val_size": EVAL_BLOCKS},
+                               "val_size": EVAL_DOCS},
                          output={"license": "apache-2.0", "tags": ["tiny"]})
     artifact = write_model_card(config, tokenizer_artifact, dataset, trained, evaluation, plots, session_layout,
                                 provenance={"prefect flow run": "pretrain/brave-fox (1234)"})
@@ -224,7 +228,9 @@ def test_model_card_body_has_provenance_and_no_secrets(card, dataset, tokenizer_
     text = (artifact.dir / "README.md").read_text()
     assert text.startswith("---\n")
     assert "# test-run" in text and "trained from scratch" in text
-    assert "| rep | 30 | 480 | 16.0 |" in text
+    rep, held = dataset.stats["sources"]["rep"], dataset.stats["sources"]["rep (eval)"]
+    assert rep["documents"] + held["documents"] == 30 and held["documents"] == EVAL_DOCS
+    assert f"| rep | {rep['documents']} | {rep['tokens']} | {rep['mean_doc_tokens']} |" in text
     for digest in (dataset.digest, tokenizer_artifact.digest, trained.digest):
         assert f"`{digest}`" in text
     assert "| prefect flow run | pretrain/brave-fox (1234) |" in text

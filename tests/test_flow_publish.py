@@ -177,7 +177,7 @@ def test_evaluate_only_flow_scores_an_existing_model(prefect_api, tiny_weights_d
     assert rows["model"]["path"] == str(tiny_weights_dir) and "do_train: false" in rows["model"]["reason"]
     out = Path(summary["output_dir"])
     results = json.loads((out / "eval_results.json").read_text())
-    assert results["eval_loss"] == summary["eval_loss"] and results["eval_blocks"] == 4
+    assert results["eval_loss"] == summary["eval_loss"] and results["eval_blocks"] > 4
     assert results["model_digest"] == rows["model"]["digest"] or results["model_digest"].startswith(rows["model"]["digest"])
     assert not (out / "model.safetensors").exists() and not (out / "README.md").exists()
     artifacts = {a.key for a in read_api(flow_run_id)["artifacts"] if a.key}

@@ -95,6 +95,19 @@ def test_worker_processes_give_the_same_blocks(two_corpora, tok, small_shards):
         np.testing.assert_array_equal(inline.take(60)[0], pooled.take(60)[0])
 
 
+def test_truncation_and_padding_in_tokenizer_json_are_not_applied_to_a_stream(tmp_path, two_corpora, small_shards):
+    from tiny_assets import copy_capped_tokenizer
+
+    folder = copy_capped_tokenizer(tmp_path / "capped")
+    capped = open_tokenizer(folder)  # untouched: calling it would reset its backend's settings
+    assert capped.backend_tokenizer.truncation["max_length"] == 8
+    want, _ = reference(documents(two_corpora, "ab", open_tokenizer(folder)))  # tokenizer(texts) applies neither
+    plan = plan_for(two_corpora)
+    with BlockStream(plan, capped) as inline, BlockStream(plan, capped, workers=2) as pooled:
+        np.testing.assert_array_equal(inline.take(len(want))[0], want)
+        np.testing.assert_array_equal(pooled.take(len(want))[0], want)
+
+
 def test_resuming_from_any_cursor_continues_the_same_blocks(two_corpora, tok, small_shards):
     plan = plan_for(two_corpora, doc_mask=True)
     with BlockStream(plan, tok) as stream:

@@ -34,6 +34,19 @@ def copy_tokenizer(dst: Path) -> Path:
     return dst
 
 
+def copy_capped_tokenizer(dst: Path, max_length: int = 8, pad_to: int = 16) -> Path:
+    """The quickstart tokenizer re-saved by the `tokenizers` library with `truncation.max_length` and fixed
+    padding in tokenizer.json, as BERT-family and sentence-transformers files ship them."""
+    from tokenizers import Tokenizer
+
+    copy_tokenizer(dst)
+    rust = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    rust.enable_truncation(max_length)
+    rust.enable_padding(length=pad_to, pad_id=2, pad_token="<pad>")
+    rust.save(str(dst / "tokenizer.json"))
+    return dst
+
+
 def write_dataset_info(data_dir: Path, entries: dict[str, dict]) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "dataset_info.json").write_text(json.dumps(entries, indent=2))

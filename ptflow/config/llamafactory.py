@@ -339,9 +339,14 @@ DIFFERENCES: dict[str, str] = {
                  "into the shard cache",
     "preprocessing_batch_size": "documents per tokenizer call only: no remainder is dropped per batch, so the blocks "
                                 "do not depend on it",
-    "preprocessing_num_workers": "default every core (LLaMA-Factory: one process); the blocks do not depend on it",
-    "val_size": "held-out blocks chosen with the run seed after packing, as LLaMA-Factory does, but by a different "
-                "random draw",
+    "preprocessing_num_workers": "default every core (LLaMA-Factory: one process); ptflow's blocks do not depend on "
+                                 "it, LLaMA-Factory's do (each worker's share of the documents drops its own "
+                                 "remainder), so with several LLaMA-Factory workers block boundaries differ and ptflow "
+                                 "makes a few more blocks",
+    "val_size": "held-out documents split off before packing, as LLaMA-Factory does, but chosen by a hash of each "
+                "document's text instead of a seeded draw, so the split is stable as the corpus grows (no earlier "
+                "eval document is ever trained on); a count N holds out the N documents of smallest hash; with "
+                "streaming: true, a count of the first blocks in file order",
     "finetuning_type": "LLaMA-Factory's default lora is applied when absent (ptflow's own default is full); oft is "
                        "not supported",
     "plot_loss": "LLaMA-Factory's default false is applied when absent (ptflow's own: true); also writes "

@@ -77,7 +77,8 @@ class DataSection(Section):
     )
     cutoff_len: int = Field(2048, ge=2, le=1_048_576, description="Tokens per packed training block (sequence length).")
     val_size: float = Field(
-        0.0, ge=0, description="Held-out blocks for evaluation: a fraction in (0, 1) or an integer count (>= 1)."
+        0.0, ge=0, description="Held-out documents for evaluation (chosen by a hash of their text, before packing): a "
+        "fraction in (0, 1) or an integer count (>= 1; with streaming, a count of the first blocks)."
     )
     max_samples: int | None = Field(None, ge=1, description="Keep at most this many documents per dataset (for "
                                     "debugging; only the shards holding them are tokenized).")

@@ -11,9 +11,10 @@ The recipe is LLaMA-Factory's pt data path (docs/data.md maps every key):
    in parallel, reusing shards any earlier config tokenized (shards.py);
 3. select documents (`num_samples`, `max_samples`) and mix the datasets (`mix_strategy`,
    `interleave_probs`) by document index (mixing.py);
-4. pack: text + EOS concatenated and cut into `cutoff_len` blocks, dropping only the final partial
-   block (or `packing: false`: one truncated, padded block per document) (packing.py);
-5. hold out `val_size` blocks (seeded) or pack `eval_dataset` as the eval split, and store
+4. split the documents: `val_size` holds out documents by a hash of their text, before packing (stable as
+   the corpus grows: `held_out`), or `eval_dataset` names the eval documents;
+5. pack each split: text + EOS concatenated and cut into `cutoff_len` blocks, dropping only the final
+   partial block (or `packing: false`: one truncated, padded block per document) (packing.py), and store
    `train.npy` / `eval.npy` (+ `*_lengths.npy`, `*_doc_offsets.npy`/`*_doc_starts.npy`).
 
 The stage's key covers the packing config, the tokenizer digest and each file's bytes; on a miss
@@ -24,7 +25,6 @@ with a table per dataset: shards reused or built and why, documents, tokens, mea
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +44,7 @@ from ptflow.data.packing import (
 from ptflow.data.shards import (
     SourceShards,
     default_workers,
+    open_doc_hashes,
     open_shard,
     token_dtype,
     tokenize_sources,
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
     from ptflow.config.schema import DataSection
 
 __all__ = ["STAGE", "Source", "check_sources", "components", "open_blocks", "open_doc_starts", "prepare_dataset",
-           "read_dataset_info", "resolve_sources", "split_indices"]
+           "read_dataset_info", "resolve_sources", "held_out"]
 
 log = logging.getLogger("ptflow.dataset")
 
@@ -112,7 +113,7 @@ def _components(section: "DataSection", resolved: tuple[list[Source], list[Sourc
 def _uses_seed(section: "DataSection", sources: list[Source]) -> bool:
     random_mix = section.mix_strategy != "concat" and section.interleave_probs is not None
     shuffled_stream = section.streaming and section.shuffle_shards
-    return bool(section.val_size) or random_mix or shuffled_stream or any(s.num_samples is not None for s in sources)
+    return random_mix or shuffled_stream or any(s.num_samples is not None for s in sources)
 
 
 def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout, seed: int = 42,
@@ -130,22 +131,20 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
             return _build_stream(folder, section, train_sources, eval_sources, tok, tokenizer.digest, layout, seed)
         shards = _tokenize(_unique(train_sources + eval_sources), section, tok, tokenizer.digest, layout)
         dtype = token_dtype(len(tok))
-        train = _assemble(train_sources, shards, section, seed, dtype, section.mix_strategy)
+        train = _assemble(train_sources, shards, section, seed, dtype, section.mix_strategy, "train")
         stats = _packing_stats(section, tok)
         train_rows = _rows(train, section, tok.pad_token_id)
         if not len(train_rows.blocks):
             raise DataError(f"data.dataset: {train.total} tokens make no block of cutoff_len={section.cutoff_len}; "
                             "add data or lower data.cutoff_len")
-        if eval_sources:
-            held, eval_rows = _eval_rows(eval_sources, shards, section, seed, dtype, tok.pad_token_id)
-            parts = {"train": train_rows, "eval": eval_rows}
-            dropped, padding = train_rows.dropped + eval_rows.dropped, train_rows.padding + eval_rows.padding
-            stats["sources"] = {**_source_stats(train, shards), **_source_stats(held, shards, "eval")}
-        else:
-            train_idx, eval_idx = split_indices(len(train_rows.blocks), section.val_size, seed)
-            parts = {"train": train_rows.take(train_idx), "eval": train_rows.take(eval_idx)}
-            dropped, padding = train_rows.dropped, train_rows.padding
-            stats["sources"] = _source_stats(train, shards)
+        stats["sources"] = _source_stats(train, shards)
+        eval_rows = train_rows.take(np.arange(0))
+        if eval_sources or section.val_size:
+            held, eval_rows = _eval_rows(eval_sources or train_sources, shards, section, seed, dtype,
+                                         tok.pad_token_id)
+            stats["sources"].update(_source_stats(held, shards, "eval"))
+        parts = {"train": train_rows, "eval": eval_rows}
+        dropped, padding = train_rows.dropped + eval_rows.dropped, train_rows.padding + eval_rows.padding
         for split, rows in parts.items():
             rows.save(folder, split)
         stats.update(train_blocks=len(parts["train"].blocks), eval_blocks=len(parts["eval"].blocks),
@@ -218,12 +217,19 @@ def _tokenize(sources: list[Source], section: "DataSection", tok, tokenizer_dige
 
 def _eval_rows(sources: list[Source], shards: dict[str, SourceShards], section: "DataSection", seed: int,
                dtype: np.dtype, pad_id: int) -> tuple["Assembled", "Rows"]:
-    """data.eval_dataset packed in order into the eval blocks, or a DataError when they make none."""
-    held = _assemble(sources, shards, section, seed, dtype, "concat")
+    """The eval blocks: data.eval_dataset packed in order, or the documents val_size holds out of the training
+    mix, packed on their own; a DataError when they make none."""
+    if section.eval_dataset:
+        held = _assemble(sources, shards, section, seed, dtype, "concat")
+        fix = "add eval data or lower data.cutoff_len"
+    else:
+        held = _assemble(sources, shards, section, seed, dtype, section.mix_strategy, "eval")
+        fix = (f"{sum(n for n, _ in held.per_source.values())} documents are held out; raise data.val_size or lower "
+               "data.cutoff_len")
     rows = _rows(held, section, pad_id)
     if not len(rows.blocks):
-        raise DataError(f"data.eval_dataset: {held.total} tokens make no block of cutoff_len={section.cutoff_len}; "
-                        "add eval data or lower data.cutoff_len")
+        key = "data.eval_dataset" if section.eval_dataset else f"data.val_size: {int(section.val_size) if section.val_size >= 1 else section.val_size}:"
+        raise DataError(f"{key} {held.total} tokens make no block of cutoff_len={section.cutoff_len}; {fix}")
     return held, rows
 
 
@@ -248,8 +254,9 @@ class Assembled:
 
 
 def _assemble(sources: list[Source], shards: dict[str, SourceShards], section: "DataSection", seed: int,
-              dtype: np.dtype, strategy: str) -> Assembled:
-    """Select and mix documents by index, then gather their tokens into one stream."""
+              dtype: np.dtype, strategy: str, part: str = "all") -> Assembled:
+    """Select and mix documents by index, keep the `part` of them val_size assigns ("train", "eval" or "all"),
+    then gather their tokens into one stream."""
     tokens, starts, lengths, selections = [], [], [], []
     offset = 0
     for source in sources:
@@ -265,6 +272,10 @@ def _assemble(sources: list[Source], shards: dict[str, SourceShards], section: "
     identity = strategy == "concat" and all(
         len(sel) == len(ln) and (sel == np.arange(len(ln))).all() for sel, ln in zip(selections, lengths))
     source_of, doc = mix(selections, strategy, section.interleave_probs if strategy != "concat" else None, seed)
+    if section.val_size and part != "all":
+        held = held_out(_doc_hashes(sources, shards, source_of, doc), section.val_size)
+        keep = held if part == "eval" else ~held
+        source_of, doc, identity = source_of[keep], doc[keep], identity and bool(keep.all())
     per_source = {}
     for s, source in enumerate(sources):
         mine = lengths[s][doc[source_of == s]]
@@ -333,16 +344,36 @@ def _rows(assembled: Assembled, section: "DataSection", pad_id: int) -> Rows:
     return rows
 
 
-def split_indices(n_blocks: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random hold-out of `val_size` blocks (a fraction below 1, or a count)."""
-    if not val_size:
-        return np.arange(n_blocks), np.arange(0)
-    n_eval = math.ceil(val_size * n_blocks) if val_size < 1 else int(val_size)
-    if n_eval >= n_blocks:
-        raise DataError(f"data.val_size: {val_size} asks for {n_eval} of {n_blocks} blocks, leaving none to train on; "
-                        "lower val_size or add data")
-    order = np.random.default_rng(seed).permutation(n_blocks)
-    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+def held_out(hashes: np.ndarray, val_size: float) -> np.ndarray:
+    """Which documents `val_size` holds out, by the content hash of each (before packing, as LLaMA-Factory splits).
+
+    A fraction f holds out every document whose hash is below f * 2^64: about f of them, and always the same ones,
+    so when the corpus grows no earlier eval document is ever trained on. A count N holds out the N distinct
+    documents of smallest hash; a grown corpus's N smallest are then a subset of the earlier eval documents plus
+    new ones, which keeps the same guarantee. Copies of a held-out document are held out with it.
+    """
+    shown = int(val_size) if val_size >= 1 else val_size
+    if val_size < 1:
+        held = hashes < np.uint64(min(int(val_size * 2**64), 2**64 - 1))
+    else:
+        distinct = np.unique(hashes)
+        if int(val_size) >= len(distinct):
+            raise DataError(f"data.val_size: {shown} asks for {int(val_size)} of {len(distinct)} distinct "
+                            "documents, leaving none to train on; lower val_size or add data")
+        held = hashes <= distinct[int(val_size) - 1]
+    if held.all():
+        raise DataError(f"data.val_size: {shown} holds out all {len(hashes)} documents, leaving none to train "
+                        "on; lower val_size or add data")
+    return held
+
+
+def _doc_hashes(sources: list[Source], shards: dict[str, SourceShards], source_of: np.ndarray,
+                doc: np.ndarray) -> np.ndarray:
+    """The content hash of every document of a mix, in mix order."""
+    per_source = [np.concatenate([open_doc_hashes(r.path) for r in shards[s.name].shards] or [np.zeros(0, np.uint64)])
+                  for s in sources]
+    base = np.concatenate([[0], np.cumsum([len(h) for h in per_source])[:-1]]).astype(np.int64)
+    return np.concatenate(per_source)[base[source_of] + doc]
 
 
 # --------------------------------------------------------------------------- stats and reading

@@ -3,9 +3,9 @@
 A shard (ptflow/data/sources.py: a byte range of a file, or a group of row groups) is an artifact of
 the `tokenize` stage whose key is (file bytes sha256, shard range, format, text column, tokenizer
 digest, this code's version): never a path or a config. It holds `tokens.npy` (each document's
-ids followed by EOS, concatenated; uint16 when the vocabulary fits) and `doc_ends.npy` (cumulative
-document ends, int64). So a dataset is an assembly of cached shards: a config that shares a file
-with an earlier one reuses its shards, adding a file to a folder tokenizes only that file, a new
+ids followed by EOS, concatenated; uint16 when the vocabulary fits), `doc_ends.npy` (cumulative
+document ends, int64) and `doc_hashes.npy` (a hash of each document's text, for `val_size`). So a
+dataset is an assembly of cached shards: a config that shares a file with an earlier one reuses its shards, adding a file to a folder tokenizes only that file, a new
 tokenizer re-tokenizes everything, and packing settings (cutoff_len, packing, doc_mask) never
 re-tokenize. Each shard is written atomically, so an interrupted preparation resumes with the
 shards that were not finished.
@@ -20,6 +20,7 @@ numpy arrays; small jobs run in-process, where the Rust tokenizer itself uses ev
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -137,6 +138,18 @@ def encode_texts(texts: list[str], encode: Callable[[list[str]], list[list[int]]
     return tokens, ends
 
 
+def plain_backend(rust):
+    """The Rust tokenizer without the truncation and padding its tokenizer.json may carry (BERT-family and
+    sentence-transformers files ship `max_length: 128` and fixed padding): `tokenizer(texts)` applies neither
+    by default, the Rust pipeline both. A copy, so the caller's tokenizer is left as it was."""
+    if rust.truncation is None and rust.padding is None:
+        return rust
+    plain = type(rust).from_str(rust.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
 class Encoder:
     """texts -> id lists, exactly as `tokenizer(texts, add_special_tokens=False)`; the fast word path when it applies.
 
@@ -147,7 +160,8 @@ class Encoder:
     SAMPLE_DOCS, SAMPLE_CHARS = 4, 8192
 
     def __init__(self, rust=None, slow_tokenizer=None):
-        self.rust, self.slow_tokenizer = rust, slow_tokenizer
+        self.rust, self.slow_tokenizer = plain_backend(rust) if rust is not None else None, slow_tokenizer
+        rust = self.rust
         self.fast = WordEncoder.for_tokenizer(rust) if rust is not None else None
 
     @classmethod
@@ -189,9 +203,19 @@ class Encoder:
 
 def encode_shard(shard: Shard, encoder: Encoder, encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, doc_ends) of one shard, read from its file and encoded (not stored)."""
-    texts = read_shard(shard)
+    return _encode(read_shard(shard), shard, encoder, encoding)
+
+
+def _encode(texts: list[str], shard: Shard, encoder: Encoder, encoding: Encoding) -> tuple[np.ndarray, np.ndarray]:
     encoder.check(texts, shard.where)
     return encode_texts(texts, encoder, encoding.eos_token_id, np.dtype(encoding.dtype), encoding.batch_size)
+
+
+def content_hashes(texts: list[str]) -> np.ndarray:
+    """A 64-bit hash of each document's text (blake2b of its UTF-8 bytes): what `val_size` holds out by, so a
+    document's split depends on its content alone -- not on the tokenizer, the seed or the rest of the corpus."""
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "little") for t in texts], dtype=np.uint64)
 
 
 def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: Encoding) -> ShardResult:
@@ -199,9 +223,11 @@ def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: 
     started = time.perf_counter()
 
     def build(folder: Path) -> dict:
-        tokens, ends = encode_shard(task.shard, encoder, encoding)
+        texts = read_shard(task.shard)
+        tokens, ends = _encode(texts, task.shard, encoder, encoding)
         np.save(folder / "tokens.npy", tokens)
         np.save(folder / "doc_ends.npy", ends)
+        np.save(folder / "doc_hashes.npy", content_hashes(texts))
         return {"documents": len(ends), "tokens": int(tokens.size), "file": task.shard.file,
                 "range": [task.shard.start, task.shard.stop]}
 
@@ -214,6 +240,11 @@ def open_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, doc_ends) of a cached shard, memory-mapped."""
     folder = Path(path)
     return np.load(folder / "tokens.npy", mmap_mode="r"), np.load(folder / "doc_ends.npy")
+
+
+def open_doc_hashes(path: str | Path) -> np.ndarray:
+    """The content hash of each document of a cached shard (`content_hashes`)."""
+    return np.load(Path(path) / "doc_hashes.npy")
 
 
 # --------------------------------------------------------------------------- worker processes

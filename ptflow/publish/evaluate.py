@@ -70,7 +70,10 @@ def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: L
                             "raise data.cutoff_len or data.val_size")
         train_results = model.dir / "train_results.json"
         epoch = json.loads(train_results.read_text()).get("epoch") if train_results.exists() else None
-        results = {"epoch": epoch, "eval_loss": loss, "perplexity": perplexity(loss),
+        # eval_perplexity is LLaMA-Factory's key (the "eval_" prefix HF Trainer puts on every eval metric);
+        # perplexity stays as ptflow's earlier name for scripts that read it.
+        results = {"epoch": epoch, "eval_loss": loss, "eval_perplexity": perplexity(loss),
+                   "perplexity": perplexity(loss),
                    "eval_runtime": round(runtime, 4),
                    "eval_samples_per_second": round(len(blocks) / runtime, 3) if runtime else None,
                    "eval_steps_per_second": round(math.ceil(len(blocks) / section.per_device_eval_batch_size) / runtime, 3)

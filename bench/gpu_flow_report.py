@@ -26,7 +26,9 @@ Expectations (--expect, a JSON object), all optional:
     world_size       the trained model's world size (its key's components)
     speedups_regex   regex on the train artifact's stats["speedups"] (e.g. "FSDP over 2 processes")
     stage_reason_regex {"stage": regex} on the reasons in the run's `stages` table artifact
-    lineage          {"run_name": ..., "len": N}: the lineage file's length; entry N-1's parent is entry N-2
+    lineage          {"run_name": ..., "index": i}: this run's model is entry i of the lineage file, and its
+                     parent is entry i-1 (none for i = 0)
+    tokens_per_step  the train stats' tokens_per_step (micro-batch x sequence x world size)
     stages           {"stage": "hit"|"miss"} from the run's `stages` table artifact
     message_regex    regex on the final state message (for expected failures)
 """
@@ -105,7 +107,14 @@ def wait_for(url: str, run_id: str, timeout: float, label: str = "") -> int:
                     print(f"{label or run_id}: {state.message[:2000]}", flush=True)
                 return 0 if state.is_completed() else 1
             if time.monotonic() - started > timeout:
-                print(f"{label or run_id}: still {line} after {timeout:.0f} s; giving up", flush=True)
+                print(f"{label or run_id}: still {line} after {timeout:.0f} s; cancelling it", flush=True)
+                from prefect.states import Cancelling
+
+                try:  # the worker stops its process; the deployment's concurrency slot frees for the next run
+                    api.set_flow_run_state(run_id, Cancelling(message=f"gpu_flow: over its {timeout:.0f} s"),
+                                           force=True)
+                except Exception as exc:  # noqa: BLE001  (report and go on)
+                    print(f"{label or run_id}: cancel failed: {exc}", flush=True)
                 return 2
             time.sleep(1)
 
@@ -224,8 +233,12 @@ def store_facts(info: dict) -> dict:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         return {**facts, "error": f"manifest: {exc}"}
-    config = (manifest.get("components") or manifest.get("inputs") or {}).get("config") or {}
-    facts["world_size"] = config.get("world_size") or _find(manifest, "world_size")
+    # The world size a model trained with: its checkpoints' fingerprint (the key holds no device count).
+    checkpoints = sorted(folder.glob("checkpoint-*/ptflow_checkpoint.json"), key=lambda p: int(p.parent.name[11:]))
+    if checkpoints:
+        facts["world_size"] = json.loads(checkpoints[-1].read_text()).get("fingerprint", {}).get("world_size")
+    else:
+        facts["world_size"] = _find(manifest, "world_size")
     facts["stats"] = {k: v for k, v in (manifest.get("stats") or {}).items()
                       if isinstance(v, (int, float, str, bool, list)) or v is None}
     log_path = folder / "trainer_log.jsonl"
@@ -286,7 +299,11 @@ def check(info: dict, expect: dict, store_root: str | None) -> list[dict]:
         hit = next((line for line in all_lines if re.search(rx, line)), None)
         add(f"log /{rx}/", hit is not None, hit[:300] if hit else f"{len(all_lines)} lines searched")
     if "world_size" in expect:
-        add("world_size", info["store"].get("world_size") == expect["world_size"], info["store"].get("world_size"))
+        add("world_size (checkpoint fingerprint)", info["store"].get("world_size") == expect["world_size"],
+            info["store"].get("world_size"))
+    if "tokens_per_step" in expect:
+        got = info["store"].get("stats", {}).get("tokens_per_step")
+        add("tokens_per_step (micro-batch x seq x world)", got == expect["tokens_per_step"], got)
     if "speedups_regex" in expect:
         speedups = " | ".join(map(str, info["store"].get("stats", {}).get("speedups") or []))
         add("speedups", re.search(expect["speedups_regex"], speedups), speedups)
@@ -297,12 +314,14 @@ def check(info: dict, expect: dict, store_root: str | None) -> list[dict]:
         reasons = {row["stage"]: row["reason"] for row in table(info, "stages")}
         for stage, rx in expect["stage_reason_regex"].items():
             add(f"{stage} reason", re.search(rx, reasons.get(stage) or ""), reasons.get(stage))
-    if "lineage" in expect and store_root:
+    if "lineage" in expect and store_root:  # this run's entry sits at `index`; its parent is the entry before
         want = expect["lineage"]
         path = Path(store_root) / "lineage" / f"{want['run_name']}.jsonl"
         entries = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-        chained = len(entries) >= 2 and entries[-1].get("parent") == entries[-2].get("key")
-        add("lineage", len(entries) == want["len"] and (want["len"] < 2 or chained),
+        mine = [i for i, e in enumerate(entries) if e.get("flow_run") == info["id"]]
+        i = want["index"]
+        ok = mine == [i] and (entries[i].get("parent") == (entries[i - 1].get("key") if i else None))
+        add(f"lineage entry {i}", ok,
             [{k: (str(e.get(k)) or "")[:12] for k in ("key", "parent", "dataset", "flow_run")} for e in entries])
     return results
 

@@ -160,7 +160,7 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
 
 
 # Bump `version` when a code change must rebuild stored datasets (different blocks); editing code does not.
-STAGE = Stage("prepare_dataset", version=1, components=components, build=prepare_dataset,
+STAGE = Stage("prepare_dataset", version=2, components=components, build=prepare_dataset,
               libraries=("tokenizers", "transformers"))
 
 

@@ -50,7 +50,7 @@ log = logging.getLogger("ptflow.shards")
 
 STAGE = "tokenize"
 # Bump when a code change must re-tokenize cached shards (their bytes would differ); editing code does not.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-document content hashes (doc_hashes.npy) for the held-out split
 LIBRARIES = ("tokenizers", "transformers")  # their versions can change the token ids
 INLINE_BYTES = 4 << 20  # below this much text to tokenize, starting worker processes costs more than it saves
 

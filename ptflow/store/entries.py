@@ -4,7 +4,14 @@ A stage's key is sha256 over its *components*: stage name, the hash of its core 
 source, the config fields it reads, and the content digests of its inputs (never their
 paths). `build_or_reuse` returns the stored artifact when the key matches and its files are
 intact, otherwise builds it in a private folder, writes `manifest.json`, and renames the
-folder into place, so a crashed write is never mistaken for a finished one.
+folder into place, so a crashed write is never mistaken for a finished one. A finished
+entry's files are made read-only: they are hard-linked into output folders, and an in-place
+write there must fail instead of changing the store.
+
+An entry is trusted only if its manifest names its own stage and key and its real path lies in
+the store (a folder swapped for a symlink to another key is a miss). Files outside the digest
+(training checkpoints) are extras: a damaged one is dropped and the entry stays a hit; when a
+resumable entry's content is damaged, its intact extras are kept so the rebuild resumes.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -143,19 +151,30 @@ def read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def check_files(folder: Path, manifest: dict) -> str | None:
-    """None when every file in the manifest is present and unchanged, else what is wrong."""
+def file_problems(folder: Path, manifest: dict, verify: bool = False) -> dict[str, str]:
+    """What is wrong with each damaged file in the manifest ({} when all are intact). The fast check trusts
+    a file whose size and mtime are unchanged; `verify` re-hashes every digested file regardless."""
+    problems = {}
     for rel, entry in manifest.get("files", {}).items():
         path = folder / rel
         try:
             st = path.stat()
         except OSError:
-            return f"{rel} is missing"
-        if st.st_size != entry["size"]:
-            return f"{rel} has {st.st_size} bytes, expected {entry['size']}"
-        if st.st_mtime_ns != entry["mtime_ns"] and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
-            return f"{rel} content changed (sha256 mismatch)"
-    return None
+            problems[rel] = f"{rel} is missing"
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems[rel] = f"{rel} is not a regular file"
+        elif st.st_size != entry["size"]:
+            problems[rel] = f"{rel} has {st.st_size} bytes, expected {entry['size']}"
+        elif (verify or st.st_mtime_ns != entry["mtime_ns"]) and entry.get("sha256") \
+                and sha256_file(path) != entry["sha256"]:
+            problems[rel] = f"{rel} content changed (sha256 mismatch)"
+    return problems
+
+
+def check_files(folder: Path, manifest: dict, verify: bool = False) -> str | None:
+    """None when every file in the manifest is present and unchanged, else what is wrong (the first problem)."""
+    return next(iter(file_problems(folder, manifest, verify).values()), None)
 
 
 def explain_miss(layout: Layout, stage: str, components: dict[str, Any]) -> str:
@@ -197,16 +216,93 @@ def _short(value: Any) -> str:
     return text if len(text) <= 24 else text[:12] + "…"
 
 
-def lookup(layout: Layout, stage: str, key: str) -> tuple[Artifact | None, str]:
-    """The intact artifact for `key`, or None and why it cannot be used."""
+def identity_problem(layout: Layout, stage: str, key: str, folder: Path, manifest: dict | None) -> str | None:
+    """Why the folder at `stage/key` is not that entry: a manifest of another stage or key, or a path leaving
+    the store (a symlink swapped in); None when it is."""
+    if manifest is None:
+        return "manifest.json is missing or unreadable"
+    if not isinstance(manifest, dict) or manifest.get("stage") != stage or manifest.get("key") != key:
+        found = (manifest.get("stage"), manifest.get("key")) if isinstance(manifest, dict) else (None, None)
+        return f"its manifest belongs to {found[0]}/{str(found[1])[:12]}, not {stage}/{key[:12]}"
+    real = folder.resolve()
+    if folder.is_symlink() or real.parent != layout.stage_dir(stage).resolve() or real.name != key:
+        return f"it is not a folder of the store but a link to {real}"
+    return None
+
+
+def lookup(layout: Layout, stage: str, key: str, verify: bool = False) -> tuple[Artifact | None, str]:
+    """The intact artifact for `key`, or None and why it cannot be used. Damaged extras (files outside the
+    digest, e.g. an intermediate training checkpoint) are dropped and the entry is still returned."""
     folder = layout.artifact(stage, key)
     if not folder.is_dir():
         return None, ""
     manifest = read_manifest(folder)
-    problem = "manifest.json is missing or unreadable" if manifest is None else check_files(folder, manifest)
+    problem = identity_problem(layout, stage, key, folder, manifest)
     if problem:
-        return None, f"cached entry is damaged ({problem}); rebuilding it"
+        return None, f"cached entry is {'damaged' if manifest is None else 'not trusted'} ({problem}); rebuilding it"
+    problems = file_problems(folder, manifest, verify)
+    core = [why for rel, why in problems.items() if manifest["files"][rel].get("sha256")]
+    if core:
+        return None, f"cached entry is damaged ({core[0]}); rebuilding it"
+    if problems:
+        manifest = drop_extras(folder, manifest, list(problems))
     return _artifact(folder, manifest), ""
+
+
+def drop_extras(folder: Path, manifest: dict, damaged: list[str]) -> dict:
+    """Remove the top-level folders (checkpoints) or files holding damaged extras and record that in the manifest."""
+    doomed = sorted({rel.split("/")[0] for rel in damaged})
+    for name in doomed:
+        log.warning("%s/%s: %s is damaged (%s); it is not part of the result, so it is dropped and the entry kept",
+                    manifest["stage"], manifest["key"][:12], name, damaged[0])
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+    files = {rel: e for rel, e in manifest["files"].items() if rel.split("/")[0] not in doomed}
+    manifest = {**manifest, "files": files}
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+def make_read_only(folder: Path) -> None:
+    """Clear the write bits of every file (folders stay writable, so ptflow can still rename and delete)."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def make_writable(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+def salvage(layout: Layout, stage: str, key: str, damage: str) -> None:
+    """Turn a damaged resumable entry back into its work folder without the damaged files and the manifest,
+    so the rebuild resumes from the newest intact checkpoint instead of step 0."""
+    final, work = layout.artifact(stage, key), layout.work(stage, key)
+    manifest = read_manifest(final)
+    if final.is_symlink() or work.exists() or identity_problem(layout, stage, key, final, manifest):
+        _remove(layout, stage, key, final)
+        return
+    damaged = file_problems(final, manifest)
+    os.replace(final, work)
+    for rel in [MANIFEST, *damaged]:
+        _remove(layout, stage, key, work / rel)
+    make_writable(work)
+    log.warning("%s: %s; keeping its intact files and checkpoints to resume from", stage, damage.split("; ")[0])
+
+
+def _remove(layout: Layout, stage: str, key: str, path: Path) -> None:
+    """Delete a file, link or folder (renamed away first, so no reader sees half of it)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        doomed = layout.tmp(stage, key)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _artifact(folder: Path, manifest: dict, hit: bool = True, reason: str = "") -> Artifact:
@@ -288,8 +384,10 @@ def build_or_reuse(
         reason = damage or ("not built yet" if quiet else explain_miss(layout, stage, components))
         log.log(logging.DEBUG if quiet else logging.INFO, "%s: miss %s (%s)", stage, key[:12], reason)
         final = layout.artifact(stage, key)
-        if damage:
-            shutil.rmtree(final, ignore_errors=True)
+        if damage and resumable:
+            salvage(layout, stage, key, damage)
+        elif damage:
+            _remove(layout, stage, key, final)
         work = layout.work(stage, key) if resumable else layout.tmp(stage, key)
         try:
             work.mkdir(parents=True, exist_ok=True)
@@ -301,6 +399,7 @@ def build_or_reuse(
             manifest = {"stage": stage, "key": key, "digest": digest, "components": components, "stats": stats,
                         "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ptflow": __version__}
             write_json_atomic(work / MANIFEST, manifest)
+            make_read_only(work)
             os.replace(work, final)
         except BaseException as exc:
             full = disk_full(exc, layout.stage_dir(stage))  # before cleaning up frees the space again

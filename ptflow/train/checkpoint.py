@@ -1,9 +1,12 @@
 """Resumable checkpoints: `checkpoint-<step>/` with weights, optimizer, scheduler, RNG, data cursor.
 
 A checkpoint is written into a hidden temp folder and renamed into place, and
-`ptflow_checkpoint.json` (its fingerprint and step) is the last file written inside it, so
-a checkpoint without it is torn and skipped. The fingerprint (dataset digest, tokenizer
-digest, train-config hash, world size) must match to resume; a mismatch names the field.
+`ptflow_checkpoint.json` (its fingerprint, step, and each file's size and sha256) is the last
+file written inside it; files and folder are fsynced before the rename, so a power cut cannot
+leave a named checkpoint with empty files. A checkpoint whose meta is missing or whose files do
+not match it (torn, truncated, bit rot) is skipped for the next older intact one, with a log line
+naming it. The fingerprint (dataset digest, tokenizer digest, train-config hash, world size)
+must match to resume; a mismatch names the field.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from safetensors.torch import load_file, save_file
 
 from ptflow import faults
 from ptflow.errors import CheckpointError
+from ptflow.store.entries import sha256_file
 
 log = logging.getLogger("ptflow.checkpoint")
 
 META = "ptflow_checkpoint.json"
 WEIGHTS = "trainable.safetensors"
 NAME = re.compile(r"^checkpoint-(\d+)$")
+FILES = (WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pth")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -52,11 +57,26 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, finger
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng_state.pth")
     (tmp / "trainer_state.json").write_text(json.dumps(extra.get("trainer_state", {}), indent=2))
-    meta = {"step": step, "fingerprint": fingerprint, **{k: v for k, v in extra.items() if k != "trainer_state"}}
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+    meta = {"step": step, "fingerprint": fingerprint, "files": files,
+            **{k: v for k, v in extra.items() if k != "trainer_state"}}
     (tmp / META).write_text(json.dumps(meta, indent=2))
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync(folder)
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (a rename is only durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -69,20 +89,43 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def is_complete(path: Path) -> bool:
+def damage(path: Path, verify: bool = False) -> str | None:
+    """None when the checkpoint is whole, else what is wrong. Sizes are always compared with the meta;
+    `verify` re-hashes every file too (done once before resuming from it). Checkpoints written before
+    ptflow recorded sizes only need their files present."""
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError):
-        return False
-    return all((path / f).is_file() for f in (WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pth")) \
-        and isinstance(meta.get("step"), int)
+        return f"{META} is missing or unreadable (torn write)"
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        return f"{META} has no step"
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for name, expected in meta.get("files", {}).items():
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            return f"{name} missing"
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, expected {expected['size']}"
+        if verify and sha256_file(file) != expected["sha256"]:
+            return f"{name} content changed (sha256 mismatch)"
+    return None
+
+
+def is_complete(path: Path) -> bool:
+    return damage(path) is None
 
 
 def newest_valid(folder: Path) -> Path | None:
+    """The newest checkpoint whose files match its meta (re-hashed); damaged ones are named and skipped."""
     for step, path in reversed(list_checkpoints(folder)):
-        if is_complete(path):
+        problem = damage(path, verify=True)
+        if problem is None:
             return path
-        log.warning("checkpoint: skipping torn checkpoint %s (incomplete write)", path.name)
+        log.warning("checkpoint: skipping damaged checkpoint %s (%s); trying the previous one", path.name, problem)
     return None
 
 
@@ -125,10 +168,12 @@ def _fingerprint_matches(path: Path, fingerprint: dict) -> bool:
 
 
 def check_fingerprint(path: Path, expected: dict) -> dict:
-    """The checkpoint's metadata, or CheckpointError naming each field that differs."""
-    if not is_complete(path):
+    """The checkpoint's metadata, or CheckpointError naming each field that differs (sizes checked; `newest_valid`
+    has already re-hashed an automatically chosen checkpoint)."""
+    problem = damage(path)
+    if problem:
         raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a complete ptflow checkpoint "
-                              f"(needs {META}, {WEIGHTS}, optimizer.pt, scheduler.pt, rng_state.pth)")
+                              f"({problem}; needs {META}, {', '.join(FILES)} as written by ptflow)")
     meta = json.loads((path / META).read_text())
     found = meta.get("fingerprint", {})
     changed = [f"{k} (checkpoint {str(found.get(k))[:16]}, now {str(v)[:16]})"

@@ -186,7 +186,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total_steps)
     scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps, scheduler_specific_kwargs=_scheduler_kwargs(train, total_steps))
-    start_step, resumed_from, cursor = 0, None, None
+    start_step, resumed_from, cursor, running = 0, None, None, {}
     resume = _resume_path(folder, train.resume_from_checkpoint)
     if resume is not None:
         meta = ckpt.check_fingerprint(resume, fingerprint)
@@ -196,6 +196,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
         ckpt.load_checkpoint(resume, net, optimizer, scheduler,
                              load_states=partial(sharding.load_full_states, net, optimizer) if sharded else None)
         start_step, resumed_from = meta["step"], str(resume)
+        running = meta.get("running_loss", {})  # so train_loss and the next logged loss match an unbroken run
         cursor = Cursor.from_json(meta["data_cursor"]) if plan is not None else None
         log.info("train: resuming from %s (step %d of %d%s)", resume.name, start_step, total_steps,
                  f", stream at pass {cursor.epoch + 1} shard {cursor.shard} token {cursor.offset}" if cursor else "")
@@ -258,8 +259,9 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not main or None)
     prefetch = ThreadPoolExecutor(max_workers=1)
     pending = prefetch.submit(fetch, start_step) if start_step < total_steps else None
-    window = _Window(time.perf_counter(), start_step)
-    first_step_s, losses_sum, losses_n = None, 0.0, 0
+    window = _Window(time.perf_counter(), start_step - len(running.get("window", [])))
+    window.restore(running.get("window", []), running.get("norms", []), device)
+    first_step_s, losses_sum, losses_n = None, running.get("sum", 0.0), running.get("n", 0)
     net.train()
     try:
         for step in range(start_step, total_steps):
@@ -327,12 +329,14 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                 if on_log:
                     on_log(record)
             if done % train.save_steps == 0 and done < total_steps:
-                window.check_finite(folder)  # never checkpoint diverged weights
+                pending_losses, pending_norms = window.check_finite(folder)  # never checkpoint diverged weights
                 accelerator.wait_for_everyone()
                 states = sharding.full_states(net, optimizer) if sharded else None  # every rank takes part
                 if main:
                     state = trainer_state(history, done, total_steps, train, epoch_at(done))
-                    extra = {"trainer_state": state, "tokens_seen": done * tokens_per_step}
+                    extra = {"trainer_state": state, "tokens_seen": done * tokens_per_step,
+                             "running_loss": {"sum": losses_sum, "n": losses_n, "window": pending_losses,
+                                              "norms": pending_norms}}
                     if stream is not None:
                         extra["data_cursor"] = cursors[done].to_json()
                     ckpt.save_checkpoint(folder, done, accelerator.unwrap_model(net), optimizer, scheduler, fingerprint,
@@ -393,6 +397,11 @@ class _Window:
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.losses.append(loss)
         self.norms.append(torch.as_tensor(grad_norm, device=loss.device).float())
+
+    def restore(self, losses: list[float], norms: list[float], device: torch.device) -> None:
+        """Put back the steps a checkpoint saved before they were logged (save_steps not a multiple of logging_steps)."""
+        for loss, norm in zip(losses, norms):
+            self.add(torch.tensor(loss, device=device), torch.tensor(norm, device=device))
 
     def check_finite(self, folder: Path) -> tuple[list[float], list[float]]:
         losses = torch.stack(self.losses).tolist() if self.losses else []

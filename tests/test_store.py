@@ -434,3 +434,91 @@ def test_truncated_weights_and_edited_packed_data_are_rebuilt(layout, damage, pr
     assert rebuilt.digest == first.digest
     assert load_file(str(rebuilt.dir / "model.safetensors"))["w"].shape == (8, 8)
     assert int(np.load(rebuilt.dir / "train.npy")[2, 5]) == 2 * 16 + 5
+
+
+def test_an_entry_swapped_for_a_link_to_another_key_is_not_trusted(layout):
+    short, long = build_or_reuse(layout, STAGE, components(48), Builder("short")), \
+        build_or_reuse(layout, STAGE, components(64), Builder("long"))
+    os.rename(long.dir, layout.root / "aside")
+    os.symlink(short.dir, long.dir)  # the cutoff_len 64 key now points at the 48 entry
+    build = Builder("long")
+    again = build_or_reuse(layout, STAGE, components(64), build)
+    assert not again.hit and build.calls == 1
+    assert again.reason == (f"cached entry is not trusted (its manifest belongs to {STAGE}/{short.key[:12]}, not "
+                            f"{STAGE}/{long.key[:12]}); rebuilding it")
+    assert (again.dir / "blocks.txt").read_text() == "long" * 10 and not again.dir.is_symlink()
+    assert (short.dir / "blocks.txt").read_text() == "short" * 10  # the link's target is untouched
+
+
+def test_an_entry_outside_the_store_is_not_trusted_even_with_its_own_manifest(layout, tmp_path):
+    first = build_or_reuse(layout, STAGE, components(), Builder())
+    outside = tmp_path / "elsewhere"
+    os.rename(first.dir, outside)
+    os.symlink(outside, first.dir)
+    found, why = store.lookup(layout, STAGE, first.key)
+    assert found is None
+    assert why == f"cached entry is not trusted (it is not a folder of the store but a link to {outside}); rebuilding it"
+
+
+def test_finished_entry_files_are_read_only_and_the_store_still_evicts_and_rebuilds_them(layout):
+    first = build_or_reuse(layout, STAGE, components(), Builder())
+    for rel in ("blocks.txt", "sub/stats.json", MANIFEST):
+        assert (first.dir / rel).stat().st_mode & 0o222 == 0, rel
+    assert os.access(first.dir, os.W_OK)  # folders stay writable: renames and deletes still work
+    damage_truncate(first.dir)
+    rebuilt = build_or_reuse(layout, STAGE, components(), Builder())
+    assert not rebuilt.hit and rebuilt.digest == first.digest
+
+
+def build_with_extras(folder):
+    (folder / "result.txt").write_text("final")
+    for step in (2, 4):
+        (folder / f"checkpoint-{step}").mkdir(exist_ok=True)
+        (folder / f"checkpoint-{step}" / "state.bin").write_bytes(bytes(100))
+    return {}
+
+
+def test_a_damaged_extra_is_dropped_and_the_entry_stays_a_hit(layout, caplog):
+    extras = lambda rel: rel.startswith("checkpoint-")  # noqa: E731
+    first = build_or_reuse(layout, STAGE, components(), build_with_extras, skip_digest=extras)
+    rewrite(first.dir / "checkpoint-2" / "state.bin", lambda data: data[:10])
+    again = build_or_reuse(layout, STAGE, components(), build_with_extras, skip_digest=extras)
+    assert again.hit and again.digest == first.digest
+    assert sorted(p.name for p in again.dir.iterdir()) == ["checkpoint-4", MANIFEST, "result.txt"]
+    assert "checkpoint-2 is damaged (checkpoint-2/state.bin has 10 bytes, expected 100)" in caplog.text
+    assert sorted(store.read_manifest(again.dir)["files"]) == ["checkpoint-4/state.bin", "result.txt"]
+
+
+def test_a_damaged_resumable_entry_keeps_its_intact_files_for_the_rebuild(layout):
+    extras = lambda rel: rel.startswith("checkpoint-")  # noqa: E731
+    first = build_or_reuse(layout, STAGE, components(), build_with_extras, resumable=True, skip_digest=extras)
+    rewrite(first.dir / "result.txt", lambda data: b"")
+    seen = []
+
+    def resume(folder):
+        seen.extend(sorted(p.name for p in folder.iterdir()))
+        assert os.access(folder / "checkpoint-4" / "state.bin", os.W_OK) or os.getuid() == 0
+        return build_with_extras(folder)
+
+    again = build_or_reuse(layout, STAGE, components(), resume, resumable=True, skip_digest=extras)
+    assert seen == ["checkpoint-2", "checkpoint-4"]  # the damaged result and the manifest are gone, checkpoints kept
+    assert not again.hit and again.digest == first.digest
+
+
+def test_a_fifo_in_place_of_a_file_is_reported_as_not_a_regular_file(layout):
+    first = build_or_reuse(layout, STAGE, components(), Builder())
+    (first.dir / "blocks.txt").unlink()
+    os.mkfifo(first.dir / "blocks.txt")
+    assert store.lookup(layout, STAGE, first.key)[1] == \
+        "cached entry is damaged (blocks.txt is not a regular file); rebuilding it"
+
+
+def test_verify_rehashes_a_file_whose_size_and_mtime_were_kept(layout):
+    first = build_or_reuse(layout, STAGE, components(), Builder())
+    path = first.dir / "blocks.txt"
+    st = path.stat()
+    rewrite(path, bytes.upper)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, mtime restored: the fast check trusts it
+    assert store.lookup(layout, STAGE, first.key)[0] is not None
+    assert store.lookup(layout, STAGE, first.key, verify=True)[1] == \
+        "cached entry is damaged (blocks.txt content changed (sha256 mismatch)); rebuilding it"

@@ -245,16 +245,17 @@ def lookup(layout: Layout, stage: str, key: str, verify: bool = False) -> tuple[
     if core:
         return None, f"cached entry is damaged ({core[0]}); rebuilding it"
     if problems:
-        manifest = drop_extras(folder, manifest, list(problems))
+        manifest = drop_extras(folder, manifest, problems)
     return _artifact(folder, manifest), ""
 
 
-def drop_extras(folder: Path, manifest: dict, damaged: list[str]) -> dict:
+def drop_extras(folder: Path, manifest: dict, damaged: dict[str, str]) -> dict:
     """Remove the top-level folders (checkpoints) or files holding damaged extras and record that in the manifest."""
     doomed = sorted({rel.split("/")[0] for rel in damaged})
     for name in doomed:
+        why = next(why for rel, why in damaged.items() if rel.split("/")[0] == name)
         log.warning("%s/%s: %s is damaged (%s); it is not part of the result, so it is dropped and the entry kept",
-                    manifest["stage"], manifest["key"][:12], name, damaged[0])
+                    manifest["stage"], manifest["key"][:12], name, why)
         target = folder / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target, ignore_errors=True)

@@ -53,8 +53,8 @@ def _check(config: RunConfig, source: str) -> None:
         problems.append(str(exc))
     if not config.train.do_train:
         problems += _evaluate_only(config, model_dir)
-    if model_dir is not None and (model_dir / "config.json").is_file():
-        model_config = json.loads((model_dir / "config.json").read_text())
+    model_config = _model_config(model_dir, problems)
+    if model_config is not None:
         max_pos = model_config.get("max_position_embeddings")
         if isinstance(max_pos, int) and config.data.cutoff_len > max_pos:
             problems.append(f"data.cutoff_len: {config.data.cutoff_len} is beyond the model's "
@@ -81,6 +81,28 @@ def _check(config: RunConfig, source: str) -> None:
         problems += check_access(config.output, config.run_name)
     if problems:
         raise PreflightError(source, problems)
+
+
+def _model_config(model_dir: Path | None, problems: list[str]) -> dict | None:
+    """The model's config.json as a dict; a file that is not a JSON object is a problem naming the file."""
+    path = model_dir / "config.json" if model_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        problems.append(f"model.model_name_or_path: {path} is not UTF-8 text ({exc.reason}); it must be the "
+                        "model's JSON config as transformers saves it")
+        return None
+    except ValueError as exc:
+        problems.append(f"model.model_name_or_path: {path} is not valid JSON ({exc}); restore the model's "
+                        "config.json (save_pretrained writes one)")
+        return None
+    if not isinstance(found, dict):
+        problems.append(f"model.model_name_or_path: {path} holds a JSON {type(found).__name__}, not an object of "
+                        "model settings; restore the model's config.json")
+        return None
+    return found
 
 
 def _evaluate_only(config: RunConfig, model_dir: Path | None) -> list[str]:

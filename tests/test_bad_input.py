@@ -152,6 +152,22 @@ CASES = {
                              r"output\.output_dir: .*taken is a file"),
     "unwritable store": (chain(write("taken", "x", to="tmp"), edit(store=lambda w: str(w["tmp"] / "taken" / "store"))),
                          r"store .*taken/store cannot be created or written"),
+    "model config.json not JSON": (write("config.json", '{"model_type": "llama",', to="model"),
+                                   r"config\.json is not valid JSON \(.*line 1.*\); restore the model's config\.json"),
+    "model config.json a JSON array": (write("config.json", "[1, 2]", to="model"),
+                                       r"config\.json holds a JSON list, not an object of model settings"),
+    "override not YAML": ("override", "train.learning_rate=[unclosed",
+                          r"override train\.learning_rate: value '\[unclosed' is not valid YAML"),
+    "val_size infinite": (edit(data__val_size=float("inf")), r"data\.val_size.*got inf; expected a finite number"),
+    "run_name too long": (edit(run_name="r" * 300), r"run_name.*got 'rrrr.*'; String should have at most 128 "
+                                                     r"characters"),
+    "negative seed": (edit(seed=-1), r"seed \(line \d+\): got -1; expected greater than or equal to 0"),
+    "seed beyond 2**32": (edit(seed=2**70), r"seed \(line \d+\): got 1180591620717411303424; expected less than or "
+                                           r"equal to 4294967295"),
+    "infinite epochs": (edit(train__num_train_epochs=float("inf"), train__max_steps=-1),
+                        r"train\.num_train_epochs.*got inf; expected a finite number"),
+    "epochs beyond any real run": (edit(train__num_train_epochs=1e300, train__max_steps=-1),
+                                   r"train\.num_train_epochs.*got 1e\+300; expected less than or equal to 10000"),
     "resume path missing": (edit(train__resume_from_checkpoint=lambda w: str(w["tmp"] / "checkpoint-9")),
                             r"train\.resume_from_checkpoint: .*checkpoint-9 is not a directory"),
 }
@@ -162,15 +178,19 @@ def test_bad_input_is_named_and_stops_before_any_stage(case, world, capsys):
     """'prepare' cases sit past a valid first record: validate passes, and the data stage names file:line."""
     spec = CASES[case]
     config_path = world["tmp"] / "config.yaml"
+    overrides = []
     if spec[0] == "raw":
         config_path.write_text(spec[1])
         pattern, when = spec[2], "validate"
+    elif spec[0] == "override":
+        config_path.write_text(yaml.safe_dump(world["config"], sort_keys=False))
+        overrides, pattern, when = [spec[1]], spec[2], "validate"
     else:
         mutate, pattern, *rest = spec
         when = rest[0] if rest else "validate"
         mutate(world)
         config_path.write_text(yaml.safe_dump(world["config"], sort_keys=False))
-    code = main(["validate", str(config_path)])
+    code = main(["validate", str(config_path), *overrides])
     err = capsys.readouterr().err
     store = Path(world["config"].get("store") or world["tmp"] / "store")
     if when == "prepare":
@@ -201,3 +221,17 @@ def _prepare_error(config_path: Path, store: Path) -> str:
 
 def test_matrix_has_at_least_thirty_cases():
     assert len(CASES) >= 30
+
+
+def test_an_alias_bomb_under_a_typed_key_gives_a_short_message(world, capsys):
+    """Nine levels of nine aliases expand to 9**9 strings; the error quotes a bounded excerpt of the value."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    config = yaml.safe_dump(world["config"], sort_keys=False)
+    path = world["tmp"] / "bomb.yaml"
+    path.write_text("\n".join(["x-anchors:"] + ["  " + line for line in levels]) + "\n" + config
+                    + "output:\n  tags: *a8\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "output.tags" in err and "Traceback" not in err
+    assert len(err) < 20_000, len(err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -414,3 +415,64 @@ def test_work_of_another_dataset_is_not_adopted(run_a, scratch, tokenizer_artifa
     work = [p for p in layout.stage_dir("train").glob("*.work") if p.name != f"{run_a.key}.work"]
     assert len(work) == 1 and not list(work[0].glob("checkpoint-*"))  # started over, nothing adopted
     assert (layout.work("train", run_a.key) / "checkpoint-4").is_dir()
+
+
+def truncate(path, keep: float = 0.0) -> None:
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+
+
+def flip_byte(path) -> None:
+    st, data = path.stat(), bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: truncate(c / "optimizer.pt"), "optimizer.pt has 0 bytes"),
+    (lambda c: truncate(c / "trainable.safetensors", 0.5), "trainable.safetensors has"),
+    (lambda c: flip_byte(c / "trainable.safetensors"), "trainable.safetensors content changed"),
+])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(run_a, scratch, tokenizer_artifact, dataset,
+                                                                        layout, caplog, damage, problem):
+    with pytest.raises(Interrupt):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(10))
+    work = layout.work("train", run_a.key)
+    damage(work / "checkpoint-8")
+    resumed = train(scratch, settings(), tokenizer_artifact, dataset, layout)
+    assert resumed.stats["resumed_from"] == str(work / "checkpoint-4")
+    assert f"skipping damaged checkpoint checkpoint-8 ({problem}" in caplog.text
+    assert_same_run(resumed.dir, run_a.dir)
+
+
+def test_a_finished_entry_drops_a_damaged_checkpoint_and_stays_a_hit(run_a, scratch, tokenizer_artifact, dataset,
+                                                                    layout):
+    first = train(scratch, settings(), tokenizer_artifact, dataset, layout)
+    truncate(first.dir / "checkpoint-4" / "optimizer.pt", 0.5)
+    again = train(scratch, settings(), tokenizer_artifact, dataset, layout)
+    assert again.hit and again.digest == first.digest
+    assert sorted(p.name for p in again.dir.iterdir() if p.is_dir()) == ["checkpoint-8"]
+
+
+def test_damaged_final_weights_resume_from_the_newest_intact_checkpoint(run_a, scratch, tokenizer_artifact, dataset,
+                                                                        layout):
+    first = train(scratch, settings(), tokenizer_artifact, dataset, layout)
+    truncate(first.dir / "model.safetensors", 0.5)
+    again = train(scratch, settings(), tokenizer_artifact, dataset, layout)
+    assert not again.hit and again.stats["resumed_from"] == str(layout.work("train", run_a.key) / "checkpoint-8")
+    assert_same_run(again.dir, run_a.dir)  # retrained 4 steps, not 12, to the same weights and log
+
+
+def test_train_loss_and_the_first_log_after_a_resume_match_an_unbroken_run(scratch, tokenizer_artifact, dataset,
+                                                                           tmp_path_factory):
+    config = settings(logging_steps=3, save_steps=4)  # checkpoint-4 falls between the logs at steps 3 and 6
+    unbroken = train(scratch, config, tokenizer_artifact, dataset, Layout(tmp_path_factory.mktemp("unbroken")))
+    layout = Layout(tmp_path_factory.mktemp("broken"))
+    with pytest.raises(Interrupt):
+        train(scratch, config, tokenizer_artifact, dataset, layout, on_log=interrupt_at(6))
+    resumed = train(scratch, config, tokenizer_artifact, dataset, layout)
+    assert resumed.stats["resumed_from"].endswith("checkpoint-4")
+    assert losses(resumed.dir) == pytest.approx(losses(unbroken.dir), abs=1e-6)  # step 6 covers steps 4-6
+    want = json.loads((unbroken.dir / "train_results.json").read_text())["train_loss"]
+    assert json.loads((resumed.dir / "train_results.json").read_text())["train_loss"] == pytest.approx(want, abs=1e-6)
+    assert resumed.stats["train_loss"] == pytest.approx(unbroken.stats["train_loss"], abs=1e-6)

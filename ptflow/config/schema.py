@@ -9,6 +9,7 @@ listing every problem with its key path, line, value and the expected form (ptfl
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Any, Literal
 
 import yaml
@@ -25,10 +26,19 @@ from pydantic import (
 from ptflow.errors import ConfigError
 
 
+MAX_EPOCHS = 10_000  # bounds on what a run may ask for: 1e300 epochs would write checkpoints until the disk fills
+MAX_STEPS = 1_000_000_000
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_RUN_NAME = 128  # run_name names files and folders (<run_name>.jsonl); file names stop at 255 bytes
+QUOTE = reprlib.Repr()  # a bounded echo of a bad value (an alias bomb expands exponentially)
+QUOTE.maxlevel, QUOTE.maxlist, QUOTE.maxdict, QUOTE.maxstring, QUOTE.maxother = 2, 6, 6, 80, 80
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are checked on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # inf/nan are never meaningful settings (an infinite epoch count trains forever); refuse them up front
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     def digest_fields(self) -> dict[str, Any]:
         """The fields that change this section's outputs (used in cache keys)."""
@@ -223,8 +233,9 @@ class TrainSection(Section):
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 disables clipping).")
-    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training blocks (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 derives them from num_train_epochs.")
+    num_train_epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS,
+                                    description="Passes over the training blocks (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, le=MAX_STEPS, description="Optimizer steps to run; -1 derives them from num_train_epochs.")
     per_device_train_batch_size: int = Field(8, ge=1, description="Blocks per micro-batch on each device.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr_scheduler_type: Literal[
@@ -392,12 +403,12 @@ def _check_stage(name: str) -> str:
 class RunConfig(BaseModel):
     """A whole run: one section per stage plus run-wide settings."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
-    run_name: str = Field("ptflow-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+    run_name: str = Field("ptflow-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_RUN_NAME,
                           description="Name of the run (default output folder, model card title).")
     store: str | None = Field(None, description="Artifact store root; default $PTFLOW_HOME or ~/.cache/ptflow.")
-    seed: int = Field(42, description="Seed for the validation split, data order and weight init.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for the validation split, data order and weight init.")
     model: ModelSection
     data: DataSection
     train: TrainSection = TrainSection()
@@ -454,7 +465,12 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[s
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            problems.append(f"override {key.strip()}: value {QUOTE.repr(value)} is not valid YAML "
+                            f"({getattr(exc, 'problem', None) or 'syntax error'}); quote it or fix it, "
+                            "e.g. train.learning_rate=3e-4")
     return problems
 
 
@@ -488,7 +504,7 @@ def _describe(err: dict, raw: dict, root: yaml.Node | None) -> str:
         msg = "expected " + msg.removeprefix("Input should be ")
     if isinstance(value, dict):  # a cross-key check: its message names the keys; don't echo the whole section
         return f"{where}: {msg}"
-    return f"{where}: got {value!r}; {msg}"
+    return f"{where}: got {QUOTE.repr(value)}; {msg}"
 
 
 def _field(loc: list[str]):

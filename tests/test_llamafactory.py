@@ -356,6 +356,18 @@ def test_hub_token_is_mapped_and_never_shown(tmp_path, tiny_model_dir, tiny_data
     assert "hf_secret123" not in lf.describe(result, "x") + lf.to_ptflow_yaml(result, "x")
 
 
+@pytest.mark.parametrize("key", ["ms_hub_token", "om_hub_token", "wandb_token"])
+def test_every_token_key_is_hidden_in_messages(tmp_path, tiny_model_dir, tiny_data_dir, key):
+    text = minimal(tiny_model_dir, tiny_data_dir, **{key: "tok_s3cret789"})
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert key in message and "tok_s3cret789" not in message
+    assert key == "wandb_token" or re.search(rf"{key} \(line \d+\): got <hidden>", message)  # wandb_token: an unknown key
+    result = converted(text)
+    assert "tok_s3cret789" not in lf.describe(result, "x") + lf.to_ptflow_yaml(result, "x")
+
+
 def test_streaming_true_maps_to_a_streamed_run(tmp_path, tiny_model_dir, tiny_data_dir):
     cfg = load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, streaming=True, max_steps=4,
                                               buffer_size=128)))

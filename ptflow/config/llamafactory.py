@@ -30,6 +30,7 @@ import yaml
 
 from ptflow.config.schema import (
     SECRET_KEYS,
+    is_secret,
     SECTIONS,
     TOP_LEVEL,
     RunConfig,
@@ -465,7 +466,7 @@ def _nullable(target: str) -> bool:
 
 
 def _secret(target: str) -> bool:
-    return target.rpartition(".")[2] in SECRET_KEYS
+    return is_secret(target.rpartition(".")[2])
 
 
 class _Builder:
@@ -552,7 +553,7 @@ def _apply_rule(b: _Builder, key: str, value: Any, rule: Rule) -> None:
         try:
             updates, warning = rule.apply(value)
         except Unsupported as exc:
-            shown = "<hidden>" if key == "hf_hub_token" else repr(value)
+            shown = "<hidden>" if is_secret(key) else repr(value)
             b.problem(key, f"got {shown}; {exc}")
             return
         for target, mapped in updates.items():
@@ -564,12 +565,12 @@ def _apply_rule(b: _Builder, key: str, value: Any, rule: Rule) -> None:
             b.note(key, "warning", warning)
         return
     if value in rule.quiet:
-        b.note(key, "mapped", f"{_show(value)}: nothing to do")
+        b.note(key, "mapped", f"{'<hidden>' if is_secret(key) else _show(value)}: nothing to do")
         return
     if rule.action == "ignored":
         b.note(key, "warning", f"ignored: {rule.why}")
     else:
-        b.problem(key, f"got {_show(value)}; {rule.why}")
+        b.problem(key, f"got {'<hidden>' if is_secret(key) else _show(value)}; {rule.why}")
 
 
 def _evaluation(b: _Builder, flat: dict) -> None:

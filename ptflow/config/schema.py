@@ -446,6 +446,12 @@ TOP_LEVEL = {name for name in RunConfig.model_fields if name not in SECTIONS}
 SECRET_KEYS = {"hub_token"}  # never echoed in errors, refused as command-line overrides
 
 
+def is_secret(name: str) -> bool:
+    """Whether a key can hold a credential (hub_token, LLaMA-Factory's hf_/ms_/om_hub_token, any *_token)."""
+    name = name.lower()
+    return name in SECRET_KEYS or name == "token" or name.endswith("_token")
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[str]:
     """Apply `a.b=value` strings in place (values parsed as YAML); return malformed ones as problems."""
     problems = []
@@ -455,7 +461,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[s
             problems.append(f"override {item!r}: expected section.key=value, e.g. train.learning_rate=3e-4")
             continue
         parts = key.strip().split(".")
-        if parts[-1] in SECRET_KEYS:  # never echo the value: it is a secret
+        if is_secret(parts[-1]):  # never echo the value: it is a secret
             problems.append(f"override {key.strip()}: a token on the command line shows up in the process list, "
                             "shell history and the flow run's parameters; export HF_TOKEN instead "
                             "(or set it in the config file)")
@@ -498,7 +504,7 @@ def _describe(err: dict, raw: dict, root: yaml.Node | None) -> str:
         field = _field(loc)
         hint = f" ({field.description})" if field is not None and field.description else ""
         return f"{where}: required key is missing{hint}"
-    value = "<hidden>" if loc and loc[-1] in SECRET_KEYS else err.get("input")
+    value = "<hidden>" if loc and is_secret(loc[-1]) else err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
     if msg.startswith("Input should be "):
         msg = "expected " + msg.removeprefix("Input should be ")

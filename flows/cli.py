@@ -6,6 +6,7 @@
                                                      (--llamafactory: every LLaMA-Factory key and what it becomes)
     ptflow convert-lf LF.yaml [-o OUT.yaml]          write the ptflow YAML of a LLaMA-Factory pt YAML
     ptflow deploy [--pool-type gpu=kubernetes]       create prefect.yaml's work pools and apply its deployments
+    ptflow cache list|gc|verify [--store DIR]        the store's entries; sweep crash leftovers; re-hash all
 
 `run` and `validate` also take a LLaMA-Factory pt YAML as it is (flat keys, `stage: pt`) and print
 what each key became; its overrides may be flat (`learning_rate=3e-4`) or dotted.
@@ -49,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="work pool type for a pool that does not exist yet (default process), e.g. gpu=kubernetes")
     p.add_argument("--code-dir", help="where workers find this project (PTFLOW_PROJECT_DIR; default: --project-dir)")
     p.add_argument("--dry-run", action="store_true", help="print the prefect commands instead of running them")
+    add_cache_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "cache":
+            return cache(args)
         if args.command == "validate":
             return validate(args.config, args.overrides)
         if args.command == "run":
@@ -76,6 +80,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ptflow: interrupted; re-run the same command to resume (finished stages are cached)", file=sys.stderr)
         return 130
+
+
+def add_cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="list, sweep (gc) or re-hash (verify) the store")
+    p.add_argument("action", choices=("list", "gc", "verify"))
+    p.add_argument("--store", help="store root (default: PTFLOW_HOME, else ~/.cache/ptflow)")
+    p.add_argument("--dry-run", action="store_true", help="gc/verify: say what would be removed, remove nothing")
+    p.add_argument("--older-than", type=float, metavar="DAYS",
+                   help="gc: also remove entries no run uses that were last used more than DAYS ago")
+
+
+def cache(args) -> int:
+    from ptflow.store import gc
+    from ptflow.store.layout import Layout
+
+    layout = Layout.resolve(args.store)
+    if args.action == "list":
+        print(gc.render(gc.list_entries(layout)))
+        return 0
+    if args.action == "gc":
+        removed = gc.collect(layout, dry_run=args.dry_run, older_than_days=args.older_than)
+        for path, why in removed:
+            print(f"{'would remove' if args.dry_run else 'removed'} {path}  ({why})")
+        print(f"ptflow cache gc: {len(removed)} {'to remove' if args.dry_run else 'removed'} in {layout.root}")
+        return 0
+    problems = gc.verify(layout, dry_run=args.dry_run)
+    for line in problems:
+        print(line)
+    print(f"ptflow cache verify: {len(problems)} problem(s) in {layout.root}"
+          + ("" if not problems or args.dry_run else "; damaged entries removed, the next run rebuilds them"))
+    return 1 if problems else 0
 
 
 def validate(config: str, overrides: list[str]) -> int:

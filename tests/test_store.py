@@ -16,6 +16,7 @@ from ptflow.store.entries import (
     files_digest,
     stage_key,
 )
+from ptflow.errors import StoreError
 from ptflow.store.layout import MANIFEST
 
 STAGE = "demo"
@@ -266,8 +267,16 @@ def test_unwritable_store_raises_store_error(tmp_path):
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(StoreError, match=r"cannot write to the store at .*file.*PTFLOW_HOME"):
+    with pytest.raises(StoreError, match=r"cannot write to the store folder .*file/cache/demo: .*PTFLOW_HOME"):
         build_or_reuse(Layout(blocker), STAGE, components(), Builder())
+
+
+def test_an_unusable_stage_folder_is_named_not_the_store_root(layout):
+    layout.stage_dir(STAGE).parent.mkdir(parents=True)
+    layout.stage_dir(STAGE).write_text("in the way")
+    with pytest.raises(StoreError, match=rf"cannot write to the store folder {re.escape(str(layout.stage_dir(STAGE)))}: "
+                                         r"File exists\. Fix its permissions"):
+        build_or_reuse(layout, STAGE, components(), Builder())
 
 
 def test_layout_paths_and_remote_roots(tmp_path, monkeypatch):

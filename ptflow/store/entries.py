@@ -280,23 +280,33 @@ def make_writable(folder: Path) -> None:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
-def salvage(layout: Layout, stage: str, key: str, damage: str) -> None:
+def salvage(layout: Layout, stage: str, key: str, damage: str, verify: bool = False) -> None:
     """Turn a damaged resumable entry back into its work folder without the damaged files and the manifest,
-    so the rebuild resumes from the newest intact checkpoint instead of step 0."""
+    so the rebuild resumes from the newest intact checkpoint instead of step 0. An entry without
+    extras (checkpoints), or one that is not what its folder name says, is removed."""
     final, work = layout.artifact(stage, key), layout.work(stage, key)
     manifest = read_manifest(final)
-    if final.is_symlink() or work.exists() or identity_problem(layout, stage, key, final, manifest):
-        _remove(layout, stage, key, final)
+    if final.is_symlink() or work.exists() or identity_problem(layout, stage, key, final, manifest) \
+            or all(entry.get("sha256") for entry in manifest.get("files", {}).values()):
+        remove_path(layout, stage, key, final)
         return
-    damaged = file_problems(final, manifest)
+    damaged = file_problems(final, manifest, verify)
     os.replace(final, work)
     for rel in [MANIFEST, *damaged]:
-        _remove(layout, stage, key, work / rel)
+        remove_path(layout, stage, key, work / rel)
     make_writable(work)
     log.warning("%s: %s; keeping its intact files and checkpoints to resume from", stage, damage.split("; ")[0])
 
 
-def _remove(layout: Layout, stage: str, key: str, path: Path) -> None:
+def _touch(folder: Path) -> None:
+    """Record a reuse in the folder's mtime (`ptflow cache list` shows it; gc --older-than reads it)."""
+    try:
+        os.utime(folder)
+    except OSError:
+        pass  # a read-only store still serves hits
+
+
+def remove_path(layout: Layout, stage: str, key: str, path: Path) -> None:
     """Delete a file, link or folder (renamed away first, so no reader sees half of it)."""
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
@@ -317,19 +327,37 @@ def is_cached(layout: Layout, stage: str, components: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def key_lock(layout: Layout, stage: str, key: str) -> Iterator[None]:
-    """One builder per key across processes on this store; others wait and then reuse its result."""
-    lock_dir = layout.stage_dir(stage)
-    try:
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_dir / f".{key}.lock", "a+")
-    except OSError as exc:
-        raise StoreError(f"cannot write to the store at {layout.root}: {exc.strerror}. "
-                         f"Set `store:` in the config or PTFLOW_HOME to a writable folder.") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def key_lock(layout: Layout, stage: str, key: str, wait: bool = True) -> Iterator[bool]:
+    """One builder per key across processes on this store; others wait and then reuse its result.
+
+    Yields whether the lock is held: always with `wait`; without it (gc), False when someone holds it.
+    A lock file that `ptflow cache gc` removed between our open and our lock is opened again, so two
+    processes never hold locks on two different files of one key.
+    """
+    path = layout.lock(stage, key)
+    while True:
         try:
-            yield
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as exc:
+            raise StoreError(f"cannot write to the store folder {path.parent}: {exc.strerror}. Fix its permissions, "
+                             "or set `store:` in the config or PTFLOW_HOME to a writable folder.") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            yield False
+            return
+        try:
+            same = os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    with handle:
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -381,6 +409,7 @@ def build_or_reuse(
         if found:
             log.log(logging.DEBUG if quiet else logging.INFO, "%s: hit %s (all key components unchanged)", stage,
                     key[:12])
+            _touch(found.dir)
             return found.as_cached("all key components unchanged")
         reason = damage or ("not built yet" if quiet else explain_miss(layout, stage, components))
         log.log(logging.DEBUG if quiet else logging.INFO, "%s: miss %s (%s)", stage, key[:12], reason)
@@ -388,7 +417,7 @@ def build_or_reuse(
         if damage and resumable:
             salvage(layout, stage, key, damage)
         elif damage:
-            _remove(layout, stage, key, final)
+            remove_path(layout, stage, key, final)
         work = layout.work(stage, key) if resumable else layout.tmp(stage, key)
         try:
             work.mkdir(parents=True, exist_ok=True)

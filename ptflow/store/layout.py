@@ -2,7 +2,8 @@
 
     <root>/cache/<stage>/<key>/          a finished artifact (manifest.json last, then renamed in)
     <root>/cache/<stage>/<key>.work/     a resumable stage's work in progress (training checkpoints)
-    <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read; `ptflow cache gc` removes stale ones
+    <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read, swept when stale (`ptflow cache gc`)
+    <root>/cache/<stage>/.<key>.lock     the key's builder lock (flock)
     <root>/cache/<stage>/index.json      a stage's bookkeeping (tokenize: what each file was last tokenized with)
     <root>/runs/<run_name>/              the default output_dir of a run
     <root>/lineage/<run_name>.jsonl      the models a run_name has trained, oldest first (continual pretraining)
@@ -23,6 +24,9 @@ from pathlib import Path
 from ptflow.errors import StoreError
 
 MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+LOCK_SUFFIX = ".lock"
+WORK_SUFFIX = ".work"
 
 
 class Layout:
@@ -50,14 +54,22 @@ class Layout:
         return self.stage_dir(stage) / key
 
     def work(self, stage: str, key: str) -> Path:
-        return self.stage_dir(stage) / f"{key}.work"
+        return self.stage_dir(stage) / f"{key}{WORK_SUFFIX}"
 
     def stage_index(self, stage: str) -> Path:
         """A stage's own bookkeeping file (token shards: what each file was last tokenized with)."""
         return self.stage_dir(stage) / "index.json"
 
     def tmp(self, stage: str, key: str) -> Path:
-        return self.stage_dir(stage) / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return self.stage_dir(stage) / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def lock(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / f".{key}{LOCK_SUFFIX}"
+
+    def stages(self) -> list[str]:
+        """The stages that have a folder in the store."""
+        cache = self.root / "cache"
+        return sorted(p.name for p in cache.iterdir() if p.is_dir()) if cache.is_dir() else []
 
 
     def lineage_file(self, run_name: str) -> Path:

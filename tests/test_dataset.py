@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -265,6 +266,19 @@ def test_non_string_column(tmp_path, tokenizer_artifact, layout):
         prepare_dataset(data(root, "c"), tokenizer_artifact, layout)
 
 
+def test_a_damaged_token_shard_is_reported_as_damaged_not_resumed(tiny_data_dir, tokenizer_artifact, layout,
+                                                                   small_shards):
+    first = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64), tokenizer_artifact, layout)
+    total = first.stats["shards_built"]
+    shard = sorted(p for p in layout.stage_dir("tokenize").iterdir() if (p / "tokens.npy").is_file())[0]
+    (shard / "tokens.npy").write_bytes((shard / "tokens.npy").read_bytes()[:-8])
+    shutil.rmtree(first.dir)  # the packed dataset goes too, so its shards are read again
+    again = prepare_dataset(data(tiny_data_dir, "stdlib_docs", cutoff_len=64), tokenizer_artifact, layout)
+    assert sources_of(again, "stdlib_docs")["cache"] == \
+        f"1 damaged shard(s) in the store re-tokenized ({total - 1} of {total} reused): corpus.jsonl"
+    assert again.digest == first.digest
+
+
 def test_malformed_json_line_names_file_and_line(tmp_path, tokenizer_artifact, layout):
     root = make_data_dir(tmp_path / "d", {"bad.jsonl": '{"text": "ok"}\n\n{"text": "broken\n{"text": "ok"}\n'})
     with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON \(Unterminated string starting at column 10\)"):
@@ -276,6 +290,21 @@ def test_non_utf8_names_file_and_line(tmp_path, tokenizer_artifact, layout):
     root = make_data_dir(tmp_path / "d", {"latin.txt": "caf\u00e9\n".encode() + "na\u00efve\n".encode("latin-1")})
     with pytest.raises(DataError, match=r"latin\.txt:2: not valid UTF-8 \(byte 0xef\); re-encode the file as UTF-8"):
         prepare_dataset(data(root, "latin", cutoff_len=2), tokenizer_artifact, layout)
+
+
+def test_utf16_file_is_named_as_utf16(tmp_path, tokenizer_artifact, layout):
+    root = make_data_dir(tmp_path / "d", {"wide.txt": "caf\u00e9\nna\u00efve\n".encode("utf-16")})
+    with pytest.raises(DataError, match=r"wide\.txt: is UTF-16 text \(byte-order mark 0xfffe\); re-encode it as UTF-8"):
+        prepare_dataset(data(root, "wide", cutoff_len=2), tokenizer_artifact, layout)
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, lambda path: os.symlink("/dev/zero", path)], ids=["fifo", "dev-zero"])
+def test_a_fifo_or_device_is_not_a_regular_file(tmp_path, tokenizer_artifact, layout, make):
+    root = make_data_dir(tmp_path / "d", {"ok.jsonl": '{"text": "x"}\n'})
+    make(root / "odd.jsonl")
+    write_dataset_info(root, {"odd": {"file_name": "odd.jsonl"}})
+    with pytest.raises(DataError, match=r"data\.dataset 'odd': .*odd\.jsonl is not a regular file \(nor a folder\)"):
+        prepare_dataset(data(root, "odd", cutoff_len=2), tokenizer_artifact, layout)
 
 
 def test_empty_file(tmp_path, tokenizer_artifact, layout):

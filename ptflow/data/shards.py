@@ -81,6 +81,7 @@ class ShardResult:
     tokens: int
     hit: bool
     seconds: float = 0.0
+    damaged: bool = False  # its stored entry was damaged and has been re-tokenized
 
 
 @dataclass
@@ -233,7 +234,7 @@ def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: 
 
     artifact = build_or_reuse(layout, STAGE, task.components, build, quiet=True)
     return ShardResult(task.shard, artifact.path, artifact.stats["documents"], artifact.stats["tokens"], artifact.hit,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, artifact.reason.startswith("cached entry is"))
 
 
 def open_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -436,9 +437,11 @@ def _explain(source: Source, done: list[ShardResult], digests: dict[str, str], t
         by_file.setdefault(r.shard.file, []).append(r)
     reasons: dict[str, list[str]] = {}
     for file, rs in by_file.items():
-        hit = sum(r.hit for r in rs)
+        hit, damaged = sum(r.hit for r in rs), sum(r.damaged for r in rs)
         if hit == len(rs):
             reason = "reused"
+        elif damaged:
+            reason = f"{damaged} damaged shard(s) in the store re-tokenized ({hit} of {len(rs)} reused)"
         elif hit:
             reason = f"resumed ({hit} of {len(rs)} shards were already tokenized)"
         else:

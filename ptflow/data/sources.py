@@ -168,6 +168,8 @@ def _resolve_entry(name: str, entry: dict, dataset_dir: Path, info_path: Path, k
             raise DataError(f"{key} {name!r}: folder {path} has no files")
     elif path.is_file():
         files = [path]
+    elif path.exists():  # a FIFO, a device (a link to /dev/zero): reading it would block or never end
+        raise DataError(f"{key} {name!r}: {path} is not a regular file (nor a folder); give a data file")
     else:
         raise DataError(f"{key} {name!r}: file {path} does not exist")
     formats = {}
@@ -430,11 +432,19 @@ def _count_lines(file: str, offset: int) -> int:
     return count + 1
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def _decode(data: bytes, shard: Shard, line: int | None, offset: int = 0) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = line or _line_number(shard, offset + exc.start)
+        with open(shard.file, "rb") as f:
+            head = f.read(2)
+        if head in UTF16_BOMS:
+            raise DataError(f"{shard.file}: is UTF-16 text (byte-order mark 0x{head.hex()}); re-encode it as UTF-8, "
+                            f"e.g. iconv -f UTF-16 -t UTF-8") from None
         raise DataError(f"{shard.file}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
                         "re-encode the file as UTF-8") from None
 

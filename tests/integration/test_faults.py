@@ -7,6 +7,8 @@ Kill points are `PTFLOW_KILL_AT` hooks (ptflow/faults.py) that SIGKILL the proce
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,23 @@ def test_kill_during_streamed_training_resumes_from_the_data_cursor(prefect_serv
     assert sorted(set(steps)) == steps and steps[-1] == 12  # no step logged twice after the resume
     cursor = json.loads((folder / "checkpoint-10" / "ptflow_checkpoint.json").read_text())["data_cursor"]
     assert cursor["epoch"] == 0 and cursor["offset"] > 0
+
+
+def test_gc_lists_and_removes_the_temp_folder_a_kill_left(prefect_server, tmp_path):
+    """kill -9 between writing prepare_dataset's files and renaming them in leaves `.tmp-*`; gc sweeps it."""
+    env = cli_env(tmp_path, PREFECT_API_URL=prefect_server)
+    killed = run_cli({**env, "PTFLOW_KILL_AT": "prepare_dataset:built"}, "run", "configs/quickstart.yaml", *FAST,
+                     timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    store = tmp_path / "store"
+    [left] = (store / "cache" / "prepare_dataset").glob(".tmp-*")
+    assert str(left) not in run_cli(env, "cache", "gc", "--dry-run", "--store", str(store)).stdout  # too fresh
+    an_hour_ago = time.time() - 3600
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    dry = run_cli(env, "cache", "gc", "--dry-run", "--store", str(store))
+    assert dry.returncode == 0 and f"would remove {left}  (temp folder left by an interrupted write" in dry.stdout
+    assert left.is_dir()
+    swept = run_cli(env, "cache", "gc", "--store", str(store))
+    assert swept.returncode == 0 and f"removed {left}" in swept.stdout
+    assert not left.exists() and finished(store, "load_tokenizer")  # finished entries stay
+    assert run_cli(env, "cache", "verify", "--store", str(store)).returncode == 0

@@ -130,6 +130,8 @@ def run(config: str, overrides: list[str]) -> int:
         os.environ.setdefault(key, value)
     if os.environ.get("PREFECT_HOME"):  # Prefect's embedded server cannot create its SQLite file's folder
         os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
+    if not os.environ.get("PREFECT_API_URL"):  # the embedded server keeps its SQLite database in PREFECT_HOME
+        check_prefect_home()
     from ptflow.config.loading import load_config
     from ptflow.preflight import preflight
 
@@ -154,6 +156,26 @@ def run(config: str, overrides: list[str]) -> int:
         with open(os.environ["PTFLOW_SUMMARY_JSON"], "w") as f:
             json.dump({**summary, "wall_s": elapsed}, f, indent=2)
     return 0
+
+
+PREFECT_HOME_MIN_FREE = 64 << 20
+
+
+def check_prefect_home() -> None:
+    """Prefect's database on a full disk fails as dozens of tracebacks and leaves the flow Running: refuse first."""
+    from ptflow.errors import StoreError
+
+    home = os.path.expanduser(os.environ.get("PREFECT_HOME") or "~/.prefect")
+    folder = home if os.path.isdir(home) else os.path.dirname(home.rstrip("/")) or "."
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return  # Prefect will say what is wrong with the folder itself
+    free = st.f_bavail * st.f_frsize
+    if free < PREFECT_HOME_MIN_FREE:
+        raise StoreError(f"PREFECT_HOME {home}: the disk is full ({free >> 20} MiB free; Prefect's database needs "
+                         f"at least {PREFECT_HOME_MIN_FREE >> 20} MiB). Free space there or point PREFECT_HOME at "
+                         "another disk (or PREFECT_API_URL at a server), then re-run.")
 
 
 def print_llamafactory_notes(config: str, overrides: list[str], file=None) -> None:

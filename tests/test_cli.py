@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+from flows import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +61,18 @@ def test_config_reference_lists_every_section():
     assert result.returncode == 0
     for key in ("`data.cutoff_len`", "`train.learning_rate`", "`model.model_name_or_path`", "`eval.do_eval`"):
         assert key in result.stdout
+
+
+def test_prefect_home_on_a_full_disk_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "prefect"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    for key, value in cli.QUIET_PREFECT.items():
+        monkeypatch.setenv(key, value)
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=3, f_frsize=4096)
+                        if str(path) == str(home) else real(path))
+    assert cli.main(["run", "configs/quickstart.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ptflow: error: PREFECT_HOME {home}: the disk is full (0 MiB free; Prefect's database "
+                          "needs at least 64 MiB)") and "Traceback" not in err

@@ -137,6 +137,7 @@ def test_resumable_build_keeps_its_work_folder_after_a_crash(layout):
 def rewrite(path, edit, later: bool = False):
     """Replace a file's bytes with edit(bytes); `later` also moves its mtime on, as a real edit would."""
     st = path.stat()
+    path.chmod(0o644)  # store files are read-only (root writes anyway)
     path.write_bytes(edit(path.read_bytes()))
     if later:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))

@@ -418,12 +418,14 @@ def test_work_of_another_dataset_is_not_adopted(run_a, scratch, tokenizer_artifa
 
 
 def truncate(path, keep: float = 0.0) -> None:
+    path.chmod(0o644)  # a finished entry's files are read-only
     path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
 
 
 def flip_byte(path) -> None:
     st, data = path.stat(), bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 

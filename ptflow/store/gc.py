@@ -159,8 +159,14 @@ def verify(layout: Layout, dry_run: bool = False) -> list[str]:
                 if not dry_run:
                     with key_lock(layout, stage, folder.name):
                         salvage(layout, stage, folder.name, problems[-1], verify=True)
-    memo = DigestMemo(layout)
-    for name, (stamp, digest) in sorted(memo.memo.items()):
+    return problems + verify_inputs(layout, dry_run)
+
+
+def verify_inputs(layout: Layout, dry_run: bool = False) -> list[str]:
+    """Re-hash every memoised input file and record the new digest of each changed one, so keys computed
+    afterwards see the change (forcing a stage should call this: the memo trusts size and mtime)."""
+    problems, memo = [], DigestMemo(layout)
+    for name, (_, digest) in sorted(memo.memo.items()):
         path = Path(name)
         if not path.is_file():
             continue

@@ -299,10 +299,10 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
             if done % train.logging_steps == 0 or done == total_steps:
                 stats = window.close(done, folder)  # raises on a non-finite loss, naming the step
                 losses_sum, losses_n = losses_sum + stats["loss_sum"], losses_n + stats["steps"]
-                tps = stats["steps"] * tokens_per_step / stats["elapsed_s"] / world
+                tps = stats["timed_steps"] * tokens_per_step / stats["elapsed_s"] / world
                 record = _log_record(done, total_steps, stats["loss_sum"] / stats["steps"], scheduler.get_last_lr()[0],
                                      stats["grad_norm"], epoch_at(done), time.perf_counter() - window.started,
-                                     (total_steps - done) * stats["elapsed_s"] / stats["steps"], tps,
+                                     (total_steps - done) * stats["elapsed_s"] / stats["timed_steps"], tps,
                                      done * tokens_per_step, token_flops, peak, device,
                                      stats["wait_s"] / stats["elapsed_s"])
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
@@ -393,6 +393,7 @@ class _Window:
         self.losses: list[torch.Tensor] = []
         self.norms: list[torch.Tensor] = []
         self.wait_s = 0.0
+        self.restored = 0  # steps run before a resume: in the loss average, not in this process's timing
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.losses.append(loss)
@@ -402,6 +403,7 @@ class _Window:
         """Put back the steps a checkpoint saved before they were logged (save_steps not a multiple of logging_steps)."""
         for loss, norm in zip(losses, norms):
             self.add(torch.tensor(loss, device=device), torch.tensor(norm, device=device))
+        self.restored = len(losses)
 
     def check_finite(self, folder: Path) -> tuple[list[float], list[float]]:
         losses = torch.stack(self.losses).tolist() if self.losses else []
@@ -416,7 +418,8 @@ class _Window:
     def close(self, done: int, folder: Path) -> dict:
         losses, norms = self.check_finite(folder)
         return {"loss_sum": sum(losses), "steps": len(losses), "grad_norm": norms[-1],
-                "elapsed_s": time.perf_counter() - self.opened, "wait_s": self.wait_s}
+                "elapsed_s": time.perf_counter() - self.opened, "wait_s": self.wait_s,
+                "timed_steps": max(len(losses) - self.restored, 1)}
 
 
 def document_positions(doc_starts, rows, seq_len: int) -> torch.Tensor:

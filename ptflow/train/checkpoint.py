@@ -137,8 +137,8 @@ def adopt_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
     of the stage (`<key>.work` beside `folder`) whose fingerprint matches is moved here with that
     folder's log, so the run continues instead of starting over. Returns the adopted checkpoint.
     """
-    if newest_valid(folder) is not None:
-        return None
+    if any(is_complete(path) for _, path in list_checkpoints(folder)):
+        return None  # sizes only: the resume re-hashes the checkpoint it picks (newest_valid)
     found: list[tuple[int, Path]] = []
     for work in sorted(folder.parent.glob("*.work")):
         if work == folder:

@@ -21,7 +21,7 @@
 # CPU_POOL_SEES_GPUS=1 to give it the GPUs. Results in $OUT (at most 7 files): summary.json,
 # summary.md, nvidia-smi.txt, logs.tgz (server, deploy and worker logs, Prefect logs per run, configs,
 # trainer logs, lineage), overhead.json, overhead.md, and console.log if the caller tees into it.
-# BUDGET_S (default 520 on GPUs) skips runs that would not finish in time, so the report is always written.
+# BUDGET_S (default 500 on GPUs) skips runs that would not finish in time, so the report is always written.
 # Without a GPU every size drops to a CPU smoke size. Every size is a variable: STEPS_A=800 bash ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,19 +68,23 @@ while todo:
 print(" ".join(map(str, seen)))
 EOF
 }
-stop_tree() {  # TERM $1 and all its descendants, then KILL what is left
-  local pids i
-  kill -0 "$1" 2>/dev/null || return 0
-  pids=$(tree_pids "$1")
-  kill -TERM $pids 2>/dev/null
-  for i in $(seq 1 20); do kill -0 $pids 2>/dev/null || return 0; sleep 0.5; done
-  kill -KILL $pids 2>/dev/null
-  return 0
-}
-stop_all() {
-  local f
+stop_all() {  # TERM every process we started and all their descendants, then KILL what is left after 10 s
+  local f pids="" i p alive
   [ -n "${SMI_PID:-}" ] && kill "$SMI_PID" 2>/dev/null
-  for f in "$WORK"/pids/worker-* "$WORK"/pids/server; do [ -f "$f" ] && stop_tree "$(cat "$f")"; rm -f "$f"; done
+  for f in "$WORK"/pids/worker-* "$WORK"/pids/server; do
+    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && pids="$pids $(tree_pids "$(cat "$f")")"
+    rm -f "$f"
+  done
+  [ -n "${pids// /}" ] || return 0
+  kill -TERM $pids 2>/dev/null
+  for i in $(seq 1 20); do
+    alive=0
+    for p in $pids; do kill -0 "$p" 2>/dev/null && { alive=1; break; }; done
+    [ $alive = 0 ] && return 0
+    sleep 0.5
+  done
+  { kill -KILL $pids; wait; } 2>/dev/null
+  return 0
 }
 finish() {
   local rc=$?
@@ -128,6 +132,27 @@ import prefect, pydantic, flows.pretrain, flows.train_stage  # noqa: F401
 n = torch.cuda.device_count() if torch.cuda.is_available() else 0
 open(sys.argv[1], "w").write(str(n))
 print(f"python {sys.version.split()[0]}; cuda devices {n}; {v}")
+# Does what is importable (machine's packages + carried wheels) satisfy prefect's requirement closure?
+from packaging.requirements import Requirement
+seen, todo, bad = set(), ["prefect", "pydantic"], []
+while todo:
+    name = todo.pop()
+    if name in seen:
+        continue
+    seen.add(name)
+    for line in md.requires(name) or []:
+        req = Requirement(line)
+        if req.marker and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = md.version(req.name)
+        except md.PackageNotFoundError:
+            bad.append(f"{req} (missing)")
+            continue
+        if req.specifier and not req.specifier.contains(have, prereleases=True):
+            bad.append(f"{req} (have {have})")
+        todo.append(req.name)
+print(f"prefect's requirement closure: {len(seen)} packages, " + ("all satisfied" if not bad else "NOT satisfied: " + "; ".join(sorted(set(bad)))))
 EOF
   NGPU=$(cat "$WORK/ngpu")
   if command -v nvidia-smi >/dev/null; then
@@ -179,8 +204,8 @@ sizes() {
   if [ "$NGPU" -gt 0 ]; then
     : "${HIDDEN:=1024}" "${LAYERS:=10}" "${HEADS:=16}" "${KV_HEADS:=8}" "${INTER:=2816}" "${SEQ:=1024}" "${MB:=16}"
     : "${CORPUS_MB:=30}" "${N_SHARDS:=50}" "${VAL:=32}" "${BF16:=true}" "${LR:=6.0e-4}"
-    : "${STEPS_A:=600}" "${STEPS_B:=150}" "${STEPS_C:=150}" "${STEPS_D:=400}" "${SAVE:=200}" "${SAVE_BC:=100}"
-    : "${SAVE_D:=100}" "${RUN_TIMEOUT:=240}" "${BUDGET_S:=520}"
+    : "${STEPS_A:=500}" "${STEPS_B:=120}" "${STEPS_C:=120}" "${STEPS_D:=300}" "${SAVE:=200}" "${SAVE_BC:=100}"
+    : "${SAVE_D:=100}" "${RUN_TIMEOUT:=240}" "${BUDGET_S:=500}"
     WORLD=$NGPU; FSDP_WORLD=$NGPU; FSDP_EXTRA=()
   else
     : "${HIDDEN:=64}" "${LAYERS:=2}" "${HEADS:=4}" "${KV_HEADS:=2}" "${INTER:=128}" "${SEQ:=128}" "${MB:=4}"
@@ -193,7 +218,9 @@ sizes() {
 
 left() { echo $(( BUDGET_S - $(elapsed) )); }
 budget_ok() {  # LABEL SECONDS_NEEDED
-  if [ "$(left)" -lt "$2" ]; then say "run ($1) skipped: $(left) s of the ${BUDGET_S} s budget left, needs ~$2 s"; return 1; fi
+  if [ "$(left)" -lt "$2" ]; then
+    say "run ($1) skipped: $(left) s of the ${BUDGET_S} s budget left, needs ~$2 s"; SKIPPED="${SKIPPED:-}$1 "; return 1
+  fi
 }
 wait_timeout() { local t; t=$(left); [ "$t" -gt "$RUN_TIMEOUT" ] && t=$RUN_TIMEOUT; [ "$t" -lt 30 ] && t=30; echo "$t"; }
 
@@ -290,7 +317,7 @@ run_nightly() {  # LABEL EXPECT_JSON [trigger args ...]: run pretrain/nightly on
 flow_phase() {
   local status=0 tps=$((MB * SEQ * WORLD)) no_retry=(--env PREFECT_FLOW_DEFAULT_RETRIES=0)
   # no_retry: a failed run ends now instead of retrying 300 s later (prefect.yaml's delay)
-  if budget_ok a 150; then
+  if budget_ok a 100; then
     run_nightly a "{\"state\": \"COMPLETED\", \"parent_tasks\": [\"load_tokenizer [miss]\", \"prepare_dataset [miss]\"],
       \"children\": 1, \"child_task_regex\": \"train \\\\[miss\\\\]\", \"tokens_per_step\": $tps, \"world_size\": $WORLD,
       \"lineage\": {\"run_name\": \"gpu-continual\", \"index\": 0},
@@ -298,7 +325,7 @@ flow_phase() {
   fi
   # (b) ~2% more text files: only the new shard is tokenized; training continues from (a)'s model
   cp "$WORK/extra.jsonl" "$WORK/corpus/shards/$(printf %03d "$N_SHARDS").jsonl"
-  if budget_ok b 90; then
+  if budget_ok b 60; then
     run_nightly b "{\"state\": \"COMPLETED\", \"parent_tasks\": [\"load_tokenizer [hit]\", \"prepare_dataset [miss]\"],
       \"children\": 1, \"child_task_regex\": \"train \\\\[miss\\\\]\", \"tokens_per_step\": $tps, \"world_size\": $WORLD,
       \"stages\": {\"load_tokenizer\": \"hit\", \"prepare_dataset\": \"miss\", \"train\": \"miss\"},
@@ -307,14 +334,14 @@ flow_phase() {
       -o "train.max_steps=$STEPS_B" -o "train.save_steps=$SAVE_BC" "${no_retry[@]}" || status=1
   fi
   # (c) FSDP (own lineage, from scratch, on the tokenized data of (b))
-  if budget_ok c 90; then
+  if budget_ok c 60; then
     run_nightly c "{\"state\": \"COMPLETED\", \"parent_tasks\": [\"load_tokenizer [hit]\", \"prepare_dataset [hit]\"],
       \"children\": 1, \"child_task_regex\": \"train \\\\[miss\\\\]\", \"world_size\": $FSDP_WORLD,
       \"speedups_regex\": \"FSDP over $FSDP_WORLD processes\"}" \
       -o run_name=gpu-fsdp -o orchestration.continue_from=null -o train.fsdp=true -o "train.max_steps=$STEPS_C" \
       -o "train.save_steps=$SAVE_BC" "${FSDP_EXTRA[@]}" "${no_retry[@]}" || status=1
   fi
-  if budget_ok d 130; then resume_run || status=1; fi
+  if budget_ok d 90; then resume_run || status=1; fi
   return $status
 }
 
@@ -357,7 +384,7 @@ resume_run() {  # (d) kill -9 the gpu flow run's process tree after its first ch
 # ------------------------------------------------------------------ overhead phase
 overhead_phase() {
   : "${OV_MODEL:=llama-1.1b}" "${OV_STEPS:=200}" "${OV_MB:=8}" "${OV_SEQ:=2048}" "${OV_VARIANT:=eager}"
-  : "${OV_GPUS:=all}"
+  : "${OV_GPUS:=all}" "${OV_TIMEOUT:=300}"
   if [ "$NGPU" -eq 0 ]; then OV_MODEL=llama-tiny; OV_STEPS=30; OV_MB=4; OV_SEQ=256; fi
   local aw=$WORK/anchors
   if [ -f .anchors/build_assets.py ]; then  # the anchors' own assets (32K BPE tokenizer, stdlib corpus)
@@ -442,12 +469,12 @@ EOF
   say "overhead: pretrain/nightly on $OV_MODEL, $OV_STEPS steps, $OV_MB x $OV_SEQ, $OV_VARIANT, GPUs $OV_GPUS"
   $HELPER trigger --runs "$WORK/overhead-runs.jsonl" --label ov --config "$WORK/overhead.yaml" "${np[@]}" \
     --env PREFECT_FLOW_DEFAULT_RETRIES=0 --expect '{"state": "COMPLETED", "children": 1}' \
-    --wait --timeout "$(wait_timeout)" 2>&1 | tee -a "$LOGS/runs.log"
+    --wait --timeout "$OV_TIMEOUT" 2>&1 | tee -a "$LOGS/runs.log"
   say "overhead: bench/train_bench.py alone on the same work"
   t1=$(date +%s.%N)
   "${gpu_env[@]}" $PY bench/train_bench.py --anchors-work "$aw" --models "$OV_MODEL" --variants "$OV_VARIANT" \
     --steps "$OV_STEPS" --mb "$OV_MB" --seq "$OV_SEQ" --store "$WORK/bench-store" --results "$WORK/bench-results" \
-    --timeout "$(wait_timeout)" 2>&1 | grep -vE "Warning|warn\(" | tee "$LOGS/train_bench.log"
+    --timeout "$OV_TIMEOUT" 2>&1 | grep -vE "Warning|warn\(" | tee "$LOGS/train_bench.log"
   t2=$(date +%s.%N)
   say "overhead: train_bench.py took $($PY -c "print(round($t2 - $t1, 1))") s"
   cat "$WORK/overhead-runs.jsonl" >> "$WORK/runs.jsonl"
@@ -497,5 +524,9 @@ for phase in $PHASES; do
   esac
 done
 report_phase || status=1
-say "phases $PHASES: $([ $status -eq 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED')"
+if [ -n "${SKIPPED:-}" ]; then
+  status=1
+  echo "Runs skipped for time (BUDGET_S=$BUDGET_S): $SKIPPED" | tee -a "$OUT/summary.md"
+fi
+say "phases $PHASES: $([ $status -eq 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED OR RUNS SKIPPED')"
 exit $status

@@ -427,7 +427,8 @@ def overhead(args) -> int:
             "parent_tasks": {t["name"]: t["seconds"] for t in info["tasks"]},
             "steady_tokens_per_s": steady_tokens_per_s(log, args.skip, tokens_per_step),
             "first_step_s": facts.get("stats", {}).get("first_step_s"),
-            "world_size": facts.get("world_size"),
+            "world_size": facts.get("world_size") or (facts.get("stats", {}).get("tokens_per_step") or 0) // tokens_per_step
+            or None,
             "peak_mem_gib": max((r.get("peak_mem_gib") or 0 for r in log), default=None),
             "final_loss": facts.get("stats", {}).get("final_loss")}
     result = {"label": args.label, "flow": flow, "bench": None, "comparison": {}}

@@ -34,11 +34,11 @@ def flaky(failures: list[BaseException], calls: list[int]):
     """The real load_tokenizer, raising the given errors on its first calls."""
     real = tokenizer_stage.load_tokenizer
 
-    def load_tokenizer(section, layout):
+    def load_tokenizer(section, layout, parts=None):
         calls.append(1)
         if len(calls) <= len(failures):
             raise failures[len(calls) - 1]
-        return real(section, layout)
+        return real(section, layout, parts=parts)
 
     return load_tokenizer
 

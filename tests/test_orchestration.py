@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,21 @@ import pytest
 from ptflow.config.loading import load_config
 from ptflow.config.schema import STAGE_ORDER, OrchestrationSection
 from ptflow.errors import ConfigError, StoreError
-from ptflow.store.entries import Artifact, build_or_reuse, stage_key
+from ptflow.store.entries import Artifact, build_or_reuse
 from ptflow.store.layout import Layout
 from ptflow.store.lineage import read_lineage, record, start_from_key, start_model
+from ptflow.store.stage import Stage
 from ptflow.store.verdict import evict, locate, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def toy_stage(name: str = "toy") -> types.ModuleType:
-    """A stage module as the planner sees one: STAGE and components(...) from the task's arguments."""
-    module = types.ModuleType(f"toy_{name}")
-    module.STAGE = name
-    module.components = lambda section, layout: {"stage": name, "code": "c0de", "config": section, "inputs": {}}
-    return module
+def toy_stage(name: str = "toy") -> Stage:
+    """A stage as the planner sees one: a typed Stage whose components come from the task's arguments."""
+    def build(section, layout, parts=None):
+        raise AssertionError("the planner never builds")
+
+    return Stage(name, version=1, components=lambda section, layout: {"config": section, "inputs": {}}, build=build)
 
 
 def build_toy(layout: Layout, section: dict, stage: str = "toy", files: dict[str, str] | None = None) -> Artifact:
@@ -36,22 +36,22 @@ def build_toy(layout: Layout, section: dict, stage: str = "toy", files: dict[str
             (folder / name).write_text(text)
         return {"n": 1}
 
-    return build_or_reuse(layout, stage, toy_stage(stage).components(section, layout), build)
+    return build_or_reuse(layout, stage, toy_stage(stage).key_parts(section, layout), build)
 
 
 def test_predict_says_miss_with_reason_then_hit(layout):
     stage = toy_stage()
-    first = predict(layout, stage, {"section": {"lr": 1}, "layout": layout, "ignored": 0})
+    first = predict(layout, stage.plan({"lr": 1}, layout))
     assert (first.cached, first.label, first.reason) == (False, "miss", "no earlier artifact of this stage in the store")
     built = build_toy(layout, {"lr": 1})
     assert first.key == built.key
-    assert predict(layout, stage, {"section": {"lr": 1}, "layout": layout}).label == "hit"
-    changed = predict(layout, stage, {"section": {"lr": 2}, "layout": layout})
+    assert predict(layout, stage.plan({"lr": 1}, layout)).label == "hit"
+    changed = predict(layout, stage.plan({"lr": 2}, layout))
     assert (changed.label, changed.reason) == ("miss", "changed config.lr: 1 -> 2")
 
 
 def test_predict_names_the_checkpoint_a_resumable_stage_will_resume_from(layout):
-    key = stage_key(toy_stage().components({"lr": 1}, layout))
+    key = toy_stage().plan({"lr": 1}, layout).key
     work = layout.work("toy", key)
     for step, complete in ((10, True), (20, True), (30, False)):  # checkpoint-30 is torn (no metadata)
         folder = work / f"checkpoint-{step}"
@@ -60,7 +60,7 @@ def test_predict_names_the_checkpoint_a_resumable_stage_will_resume_from(layout)
             (folder / name).write_bytes(b"x")
         if complete:
             (folder / "ptflow_checkpoint.json").write_text(json.dumps({"step": step}))
-    verdict = predict(layout, toy_stage(), {"section": {"lr": 1}, "layout": layout})
+    verdict = predict(layout, toy_stage().plan({"lr": 1}, layout))
     assert (verdict.cached, verdict.resume_step, verdict.label) == (False, 20, "resume from step 20")
 
 

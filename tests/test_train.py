@@ -237,7 +237,7 @@ def test_huge_learning_rate_stops_with_a_training_error(scratch, tokenizer_artif
     with pytest.raises(TrainingError, match=r"train: loss \S+ / grad norm \S+ is not finite at step 2; stopped without "
                                             r"saving\. Lower train\.learning_rate"):
         train(scratch, settings(learning_rate=1e10, warmup_steps=0), tokenizer_artifact, dataset, layout)
-    work = layout.work("train", stage_key(training.components(
+    work = layout.work("train", stage_key(training.STAGE.key_parts(
         scratch, settings(learning_rate=1e10, warmup_steps=0), tokenizer_artifact, dataset, layout, 42)))
     assert not (work / "model.safetensors").exists()
     assert not [p for p in work.iterdir() if p.name.startswith("checkpoint-")]
@@ -264,8 +264,7 @@ def test_nan_loss_names_its_step_and_keeps_only_good_checkpoints(scratch, tokeni
     config = settings(logging_steps=5, save_steps=2)  # the NaN is seen at step 3, checked by step 4's checkpoint
     with pytest.raises(TrainingError, match=r"not finite at step 3;"):
         train(scratch, config, tokenizer_artifact, dataset, layout)
-    work = layout.work("train", stage_key(training.components(scratch, config, tokenizer_artifact, dataset,
-                                                                       layout, 42)))
+    work = layout.work("train", stage_key(training.STAGE.key_parts(scratch, config, tokenizer_artifact, dataset, layout, 42)))
     assert sorted(p.name for p in work.iterdir() if p.is_dir()) == ["checkpoint-2"]
     assert not (work / "model.safetensors").exists()
     weights = load_file(work / "checkpoint-2" / "trainable.safetensors")

@@ -16,9 +16,6 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env
 
-from ptflow.store.entries import check_files, read_manifest
-from ptflow.store.layout import MANIFEST
-
 FAST = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",
         "data.cutoff_len=128", "run_name=disk-full"]
 SMALL = "6m"  # the tokenizer and the packed data fit, training's checkpoints do not

@@ -19,6 +19,7 @@ from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import CheckpointError, DataError, TrainingError
 from ptflow.store.entries import stage_key
 from ptflow.store.layout import Layout
+from ptflow.train import build
 from ptflow.train import loop as training
 from ptflow.train.checkpoint import META
 from ptflow.train.loop import DataOrder, train
@@ -244,7 +245,7 @@ def test_huge_learning_rate_stops_with_a_training_error(scratch, tokenizer_artif
 
 def test_nan_loss_names_its_step_and_keeps_only_good_checkpoints(scratch, tokenizer_artifact, dataset, layout,
                                                                  monkeypatch):
-    real_build = training.build_model
+    real_build = build.build_model
 
     def build_with_nan_at_step_3(*args, **kwargs):
         model = real_build(*args, **kwargs)
@@ -259,7 +260,7 @@ def test_nan_loss_names_its_step_and_keeps_only_good_checkpoints(scratch, tokeni
         model.register_forward_hook(poison, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(training, "build_model", build_with_nan_at_step_3)
+    monkeypatch.setattr(build, "build_model", build_with_nan_at_step_3)
     config = settings(logging_steps=5, save_steps=2)  # the NaN is seen at step 3, checked by step 4's checkpoint
     with pytest.raises(TrainingError, match=r"not finite at step 3;"):
         train(scratch, config, tokenizer_artifact, dataset, layout)

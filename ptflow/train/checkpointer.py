@@ -1,0 +1,72 @@
+"""The loop's checkpoint policy: which checkpoint to resume from, restoring it, saving and rotating.
+
+File formats, the fingerprint check and torn-checkpoint detection live in `checkpoint`; this
+module decides when and on which rank. Only rank 0 deletes or writes folders (the others wait
+at a barrier), so several processes never race on the same files; with FSDP every rank takes
+part in gathering the state first.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from functools import partial
+from pathlib import Path
+
+from ptflow.config.schema import TrainSection
+from ptflow.data.stream import Cursor
+from ptflow.errors import CheckpointError
+from ptflow.train import checkpoint as ckpt
+from ptflow.train import sharding
+
+log = logging.getLogger("ptflow.train")
+
+
+def resume_path(folder: Path, setting: str | bool, accelerator) -> Path | None:
+    """The checkpoint to resume from; `false` deletes earlier checkpoints (rank 0 only, then a barrier)."""
+    if setting is False or setting in ("false", "False"):
+        if accelerator.is_main_process:
+            for _, path in ckpt.list_checkpoints(folder):
+                shutil.rmtree(path)
+        accelerator.wait_for_everyone()
+        return None
+    if setting in (True, "auto", "true", "True"):
+        return ckpt.newest_valid(folder)
+    path = Path(str(setting)).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a directory; give a checkpoint-<step> "
+                              "folder, auto, or false")
+    return path
+
+
+class Checkpointer:
+    """Resumes and saves one run's checkpoints under `folder`."""
+
+    def __init__(self, folder: Path, train: TrainSection, accelerator, fingerprint: dict, sharded: bool):
+        self.folder, self.train, self.accelerator = folder, train, accelerator
+        self.fingerprint, self.sharded = fingerprint, sharded
+
+    def restore(self, net, optimizer, scheduler, streamed: bool) -> tuple[int, Path | None, Cursor | None]:
+        """(start step, checkpoint resumed from, stream cursor) after loading the newest valid checkpoint."""
+        path = resume_path(self.folder, self.train.resume_from_checkpoint, self.accelerator)
+        if path is None:
+            return 0, None, None
+        meta = ckpt.check_fingerprint(path, self.fingerprint)
+        if streamed and "data_cursor" not in meta:
+            raise CheckpointError(f"train.resume_from_checkpoint: {path} has no data cursor, so the stream cannot "
+                                  "resume where it stopped; set train.resume_from_checkpoint: false to start over")
+        ckpt.load_checkpoint(path, net, optimizer, scheduler,
+                             load_states=partial(sharding.load_full_states, net, optimizer) if self.sharded else None)
+        cursor = Cursor.from_json(meta["data_cursor"]) if streamed else None
+        return meta["step"], path, cursor
+
+    def save(self, step: int, net, optimizer, scheduler, extra: dict) -> None:
+        """Write checkpoint-<step> (a collective with FSDP: every rank calls it) and rotate old ones."""
+        self.accelerator.wait_for_everyone()
+        states = sharding.full_states(net, optimizer) if self.sharded else None  # every rank takes part
+        if self.accelerator.is_main_process:
+            ckpt.save_checkpoint(self.folder, step, self.accelerator.unwrap_model(net), optimizer, scheduler,
+                                 self.fingerprint, extra, None if states is None else
+                                 (sharding.trainable_only(net, states[0]), states[1]))
+            ckpt.rotate(self.folder, self.train.save_total_limit)
+        self.accelerator.wait_for_everyone()  # nobody races ahead to a resume or deletion of a half-written folder

@@ -108,3 +108,27 @@ def test_a_stream_trains_the_same_on_two_processes(tiny_model_dir, tokenizer_art
     assert [r["loss"] for r in log_of(two)] == pytest.approx([r["loss"] for r in log_of(one)], abs=2e-4)
     cursor = json.loads((two.dir / "checkpoint-3" / "ptflow_checkpoint.json").read_text())["data_cursor"]
     assert cursor["offset"] == 3 * 4 * 32  # three steps of four 32-token blocks, whichever rank wrote it
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory, tokenizer_artifact, session_layout):
+    """Unpacked rows (packing: false): every block padded to 32 with its own token count, and held-out blocks."""
+    folder = tmp_path_factory.mktemp("padded-data")
+    (folder / "rep.jsonl").write_text((ASSETS / "three_docs.jsonl").read_text() * 10)
+    write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})
+    return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(folder), cutoff_len=32, packing=False,
+                                       val_size=5), tokenizer_artifact, session_layout)
+
+
+def test_two_processes_with_padding_match_one(tiny_model_dir, tokenizer_artifact, padded, tmp_path):
+    """The loss is the mean over the step's labelled tokens on every rank, so the split into ranks and micro-batches
+    does not matter even when rows hold different numbers of tokens; evaluation is sharded and gives the same loss."""
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    common = dict(eval_steps=3, learning_rate=1e-2)
+    two = train(model, settings(num_processes=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                                **common), tokenizer_artifact, padded, Layout(tmp_path / "a"), eval_batch_size=2)
+    one = train(model, settings(num_processes=1, per_device_train_batch_size=4, **common), tokenizer_artifact,
+                padded, Layout(tmp_path / "b"))
+    assert [r["loss"] for r in log_of(two)] == pytest.approx([r["loss"] for r in log_of(one)], abs=1e-5)
+    evals = [[r["eval_loss"] for r in log_of(run) if "eval_loss" in r] for run in (two, one)]
+    assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], abs=1e-5)

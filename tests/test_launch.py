@@ -124,7 +124,7 @@ def test_two_processes_with_padding_match_one(tiny_model_dir, tokenizer_artifact
     """The loss is the mean over the step's labelled tokens on every rank, so the split into ranks and micro-batches
     does not matter even when rows hold different numbers of tokens; evaluation is sharded and gives the same loss."""
     model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
-    common = dict(eval_steps=3, learning_rate=1e-2)
+    common = {"eval_steps": 3, "learning_rate": 1e-2}
     two = train(model, settings(num_processes=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
                                 **common), tokenizer_artifact, padded, Layout(tmp_path / "a"), eval_batch_size=2)
     one = train(model, settings(num_processes=1, per_device_train_batch_size=4, **common), tokenizer_artifact,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -81,7 +83,7 @@ def test_doc_masked_evaluation_equals_each_document_alone(docs_dir, tokenizer_ar
         for row, block in enumerate(blocks):
             ids = torch.from_numpy(np.asarray(block, dtype=np.int64))
             bounds = [*map(int, starts[row]), len(ids)]
-            for first, end in zip(bounds, bounds[1:]):
+            for first, end in pairwise(bounds):
                 logits = net(input_ids=ids[None, first:end]).logits[0]
                 targets = ids[first + 1: end + 1]  # the last position predicts the next document's first token
                 total += float(torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="sum"))

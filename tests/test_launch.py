@@ -9,8 +9,9 @@ from tiny_assets import ASSETS, write_dataset_info
 
 from ptflow.config.schema import DataSection, ModelSection, TrainSection
 from ptflow.data.dataset import prepare_dataset
-from ptflow.errors import TrainingError
+from ptflow.errors import CheckpointError, TrainingError
 from ptflow.store.layout import Layout
+from ptflow.train import sharding
 from ptflow.train.loop import train
 
 pytestmark = pytest.mark.integration  # two extra Python processes: ~20 s on 2 cores
@@ -58,7 +59,8 @@ def test_rank_error_keeps_its_type_and_message(tiny_model_dir, tokenizer_artifac
 
 
 def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artifact, dataset, tmp_path, monkeypatch):
-    """Sharded training takes the same steps as DDP; checkpoints and the model hold full tensors; resume re-shards."""
+    """Sharded training takes the same steps as DDP; checkpoints are sharded (DCP) and re-shard onto any number of
+    processes; only the exported model holds full tensors; the stage refuses another process count, naming why."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -80,10 +82,24 @@ def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artif
     assert sharded.keys() == replicated.keys()
     for name in replicated:
         torch.testing.assert_close(sharded[name], replicated[name], atol=1e-5, rtol=0, msg=name)
-    checkpoint = load_file(fsdp.dir / "checkpoint-3" / "trainable.safetensors")
-    loaded = AutoModelForCausalLM.from_pretrained(fsdp.dir, use_safetensors=True)
+    loaded = AutoModelForCausalLM.from_pretrained(fsdp.dir, use_safetensors=True)  # the export: full tensors
     assert {n: tuple(p.shape) for n, p in loaded.named_parameters()} == \
-        {n: tuple(t.shape) for n, t in checkpoint.items()}  # full, unsharded tensors
+        {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(loaded.config).named_parameters()}
+    checkpoint = fsdp.dir / "checkpoint-3"
+    assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "trainable.safetensors").exists()
+    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2  # each rank wrote its own shards
+    # the sharded checkpoint re-shards onto one plain process: the same weights and AdamW state as DDP's
+    net = AutoModelForCausalLM.from_pretrained(fsdp.dir, use_safetensors=True)
+    optimizer = torch.optim.AdamW(net.parameters())
+    sharding.load_sharded(net, optimizer, checkpoint / "sharded")
+    replicated = load_file(ddp.dir / "checkpoint-3" / "trainable.safetensors")
+    for name, param in net.named_parameters():
+        torch.testing.assert_close(param.detach(), replicated[name], atol=1e-5, rtol=0, msg=name)
+    assert all(state["step"] == 3 for state in optimizer.state.values())
+    # the stage refuses to continue it on another number of processes, saying why
+    with pytest.raises(CheckpointError, match=r"world_size \(checkpoint 2, now 1\).*data cursor is a step of"):
+        train(model, settings(num_processes=1, per_device_train_batch_size=4, resume_from_checkpoint=str(checkpoint)),
+              tokenizer_artifact, dataset, Layout(tmp_path / "one"))
 
 
 def test_fsdp_with_one_process_or_lora_is_refused():

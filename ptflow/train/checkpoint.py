@@ -4,6 +4,10 @@ A checkpoint is written into a hidden temp folder and renamed into place, and
 `ptflow_checkpoint.json` (its fingerprint and step) is the last file written inside it, so
 a checkpoint without it is torn and skipped. The fingerprint (dataset digest, tokenizer
 digest, train-config hash, world size) must match to resume; a mismatch names the field.
+
+Weights and optimizer state are either `trainable.safetensors` + `optimizer.pt` (one process or
+DDP: rank 0 copies them to the CPU) or, with FSDP, a `sharded/` torch.distributed.checkpoint folder
+that every rank writes its own shards into (see `sharding.save_sharded`).
 """
 
 from __future__ import annotations
@@ -22,30 +26,47 @@ from safetensors.torch import load_file, save_file
 
 from ptflow import faults
 from ptflow.errors import CheckpointError
+from ptflow.train import sharding
 
 log = logging.getLogger("ptflow.checkpoint")
 
 META = "ptflow_checkpoint.json"
 WEIGHTS = "trainable.safetensors"
+SHARDED = "sharded"  # FSDP: a torch.distributed.checkpoint folder (its .metadata is written last)
+WHY_WORLD = ("the data cursor is a step of per_device_train_batch_size x gradient_accumulation_steps x processes "
+             "blocks and the learning-rate schedule counts those steps, so another process count would train on "
+             "other batches than the run it continues; resume with the checkpoint's process count")
 NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Parameters that change during training (all for full, the adapters for lora), contiguous copies."""
-    return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """Parameters that change during training (all for full, the adapters for lora), copied to the CPU one by one.
+
+    A copy per tensor straight to host memory: no second copy of the whole model on the GPU.
+    """
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters()
+            if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict, extra: dict,
-                    states: tuple[dict, dict] | None = None) -> Path:
-    """`states`: (trainable weights, optimizer state) already gathered (FSDP); default: read from model/optimizer."""
-    final = folder / f"checkpoint-{step}"
+def temp_folder(folder: Path, step: int) -> Path:
+    """The hidden folder checkpoint-<step> is written into, emptied (before the ranks write sharded state)."""
     tmp = folder / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights, optimizer_state = states if states is not None else (trainable_state(model), optimizer.state_dict())
-    save_file(weights, tmp / WEIGHTS)
+    return tmp
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict, extra: dict,
+                    sharded: bool = False) -> Path:
+    """`sharded`: the ranks already wrote weights and optimizer into temp_folder(...)/sharded (FSDP)."""
+    final = folder / f"checkpoint-{step}"
+    tmp = folder / f".tmp-checkpoint-{step}"
+    if not sharded:
+        tmp = temp_folder(folder, step)
+        save_file(trainable_state(model), tmp / WEIGHTS)
     faults.point(f"checkpoint:writing-{step}")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if not sharded:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -74,7 +95,8 @@ def is_complete(path: Path) -> bool:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError):
         return False
-    return all((path / f).is_file() for f in (WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pth")) \
+    state = (f"{SHARDED}/.metadata",) if (path / SHARDED).is_dir() else (WEIGHTS, "optimizer.pt")
+    return all((path / f).is_file() for f in (*state, "scheduler.pt", "rng_state.pth")) \
         and isinstance(meta.get("step"), int)
 
 
@@ -128,19 +150,29 @@ def check_fingerprint(path: Path, expected: dict) -> dict:
     """The checkpoint's metadata, or CheckpointError naming each field that differs."""
     if not is_complete(path):
         raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a complete ptflow checkpoint "
-                              f"(needs {META}, {WEIGHTS}, optimizer.pt, scheduler.pt, rng_state.pth)")
+                              f"(needs {META}, {WEIGHTS} + optimizer.pt or {SHARDED}/, scheduler.pt, rng_state.pth)")
     meta = json.loads((path / META).read_text())
     found = meta.get("fingerprint", {})
     changed = [f"{k} (checkpoint {str(found.get(k))[:16]}, now {str(v)[:16]})"
                for k, v in expected.items() if found.get(k) != v]
     if changed:
+        why = f" ({WHY_WORLD})" if found.get("world_size") != expected.get("world_size") else ""
         raise CheckpointError(f"train.resume_from_checkpoint: {path} was made by a different run; changed: "
-                              f"{', '.join(changed)}. Set train.resume_from_checkpoint: false to start over.")
+                              f"{', '.join(changed)}{why}. Set train.resume_from_checkpoint: false to start over.")
     return meta
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, load_states=None) -> None:
-    """Restore a checkpoint; `load_states(weights, optimizer_state)` puts them into a sharded (FSDP) model."""
+    """Restore a checkpoint. A sharded one is re-sharded onto the model as it is laid out now (FSDP over any
+    number of ranks, or one process); `load_states(weights, optimizer_state)` puts a full one into an FSDP model."""
+    if (path / SHARDED).is_dir():
+        sharding.load_sharded(model, optimizer, path / SHARDED)
+    else:
+        load_full(path, model, optimizer, load_states)
+    load_run_state(path, scheduler)
+
+
+def load_full(path: Path, model, optimizer, load_states=None) -> None:
     state = load_file(path / WEIGHTS)
     params = dict(model.named_parameters())
     missing = [name for name in state if name not in params]
@@ -154,6 +186,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, load_states=None) -
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
         optimizer.load_state_dict(optimizer_state)
+
+
+def load_run_state(path: Path, scheduler) -> None:
+    """The schedule's position and the RNG states of rank 0 when it saved."""
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng_state.pth", weights_only=False)  # our own file: python/numpy RNG tuples
     random.setstate(rng["python"])

@@ -1,9 +1,9 @@
 """The loop's checkpoint policy: which checkpoint to resume from, restoring it, saving and rotating.
 
 File formats, the fingerprint check and torn-checkpoint detection live in `checkpoint`; this
-module decides when and on which rank. Only rank 0 deletes or writes folders (the others wait
-at a barrier), so several processes never race on the same files; with FSDP every rank takes
-part in gathering the state first.
+module decides when and on which rank. Only rank 0 deletes, renames or writes the run's files
+(the others wait at a barrier), so several processes never race on the same folder; with FSDP
+every rank writes its own shards (torch.distributed.checkpoint) and nothing is gathered.
 """
 
 from __future__ import annotations
@@ -61,12 +61,20 @@ class Checkpointer:
         return meta["step"], path, cursor
 
     def save(self, step: int, net, optimizer, scheduler, extra: dict) -> None:
-        """Write checkpoint-<step> (a collective with FSDP: every rank calls it) and rotate old ones."""
+        """Write checkpoint-<step> (every rank calls it) and rotate old ones.
+
+        With FSDP every rank writes its own shards into the temp folder first (no gather); rank 0 then
+        adds the schedule, RNG and metadata and renames the folder into place.
+        """
+        main = self.accelerator.is_main_process
+        if self.sharded:
+            if main:
+                ckpt.temp_folder(self.folder, step)
+            self.accelerator.wait_for_everyone()
+            sharding.save_sharded(net, optimizer, self.folder / f".tmp-checkpoint-{step}" / ckpt.SHARDED)
         self.accelerator.wait_for_everyone()
-        states = sharding.full_states(net, optimizer) if self.sharded else None  # every rank takes part
-        if self.accelerator.is_main_process:
+        if main:
             ckpt.save_checkpoint(self.folder, step, self.accelerator.unwrap_model(net), optimizer, scheduler,
-                                 self.fingerprint, extra, None if states is None else
-                                 (sharding.trainable_only(net, states[0]), states[1]))
+                                 self.fingerprint, extra, sharded=self.sharded)
             ckpt.rotate(self.folder, self.train.save_total_limit)
         self.accelerator.wait_for_everyone()  # nobody races ahead to a resume or deletion of a half-written folder

@@ -324,7 +324,7 @@ class Training:
         """The final model, tokenizer and results files (rank 0); the run's summary."""
         self.accelerator.wait_for_everyone()
         net = self.step.net
-        full_weights = sharding.full_states(net, self.step.optimizer)[0] if self.built.sharded else None  # collective
+        full_weights = sharding.full_weights(net) if self.built.sharded else None  # a collective: every rank
         if not self.accelerator.is_main_process:
             return {}
         final = self.accelerator.unwrap_model(net)

@@ -415,3 +415,18 @@ def test_work_of_another_dataset_is_not_adopted(run_a, scratch, tokenizer_artifa
     work = [p for p in layout.stage_dir("train").glob("*.work") if p.name != f"{run_a.key}.work"]
     assert len(work) == 1 and not list(work[0].glob("checkpoint-*"))  # started over, nothing adopted
     assert (layout.work("train", run_a.key) / "checkpoint-4").is_dir()
+
+
+def test_pure_bf16_resumes_exactly_with_stochastic_rounding(scratch, tokenizer_artifact, dataset, tmp_path):
+    """The rounding noise is a function of (seed, step): a resumed bf16 run rounds as the uninterrupted one did."""
+    config = settings(max_steps=6, save_steps=3, pure_bf16=True, learning_rate=5e-5)
+    whole = train(scratch, config, tokenizer_artifact, dataset, Layout(tmp_path / "whole"))
+    assert whole.stats["precision"] == "pure bf16"
+    layout = Layout(tmp_path / "split")
+    with pytest.raises(Interrupt):
+        train(scratch, config, tokenizer_artifact, dataset, layout, on_log=interrupt_at(4))
+    resumed = train(scratch, config, tokenizer_artifact, dataset, layout)
+    assert resumed.stats["resumed_from"].endswith("checkpoint-3")
+    assert losses(resumed.dir) == losses(whole.dir)
+    weights, reference = load_file(resumed.dir / "model.safetensors"), load_file(whole.dir / "model.safetensors")
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from ptflow.config.schema import DataSection, TrainSection
 from ptflow.data.dataset import open_blocks, open_doc_starts, prepare_dataset
 from ptflow.train.batches import Slicing, cut_step
+from ptflow.train.bf16_adamw import StochasticRoundingAdamW, stochastic_round_
 from ptflow.train.eval_loss import eval_batches, eval_loss
 from ptflow.train.step import StepRunner
 from ptflow.train.telemetry import flops_per_token, matmul_parameters
@@ -112,3 +113,41 @@ def test_mfu_counts_matmul_parameters_not_the_embedding_table():
     assert matmul_parameters(tied) == sum(p.numel() for p in tied.parameters())  # the shared table is the head
     layers, hidden, seq = config.num_hidden_layers, config.hidden_size, 128
     assert flops_per_token(1000, layers, hidden, seq) == 6000 + 12 * layers * hidden * seq
+
+
+def lm_losses(kind: str, steps: int, lr: float = 5e-5) -> list[float]:
+    """Losses of `steps` AdamW steps on one fixed batch: fp32 weights, bf16 weights (plain AdamW) or bf16 + ours."""
+    net = tiny_model()
+    if kind != "fp32":
+        net.to(torch.bfloat16)
+    optimizer = StochasticRoundingAdamW(net.parameters(), lr=lr) if kind == "rounded" else \
+        torch.optim.AdamW(net.parameters(), lr=lr)
+    ids = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_stochastic_rounding_is_unbiased():
+    value = torch.full((200_000,), 1.0 + 2**-10)  # 1/8 of a bf16 ulp above 1.0: nearest rounding gives 1.0
+    target = torch.empty_like(value, dtype=torch.bfloat16)
+    stochastic_round_(target, value, torch.Generator().manual_seed(0))
+    assert set(target.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert float(target.float().mean()) == pytest.approx(1.0 + 2**-10, abs=2e-5)
+    assert float(target.float().neg().mean()) == pytest.approx(-(1.0 + 2**-10), abs=2e-5)
+
+
+def test_bf16_weights_with_stochastic_rounding_track_fp32_master_weights():
+    steps = 15
+    fp32, plain, rounded = (lm_losses(kind, steps) for kind in ("fp32", "plain", "rounded"))
+    progress = {name: curve[0] - curve[-1] for name, curve in (("fp32", fp32), ("plain", plain),
+                                                               ("rounded", rounded))}
+    assert progress["fp32"] > 0.02
+    assert progress["rounded"] == pytest.approx(progress["fp32"], rel=0.1)  # every step's update lands
+    assert progress["plain"] < 0.8 * progress["fp32"]  # plain bf16 AdamW drops the small updates
+    assert max(abs(a - b) for a, b in zip(rounded, fp32)) < 0.01

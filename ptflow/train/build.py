@@ -1,10 +1,8 @@
 """Assemble what a run trains: the model with its precision, kernels and sharding; AdamW; the LR schedule.
 
 Precision is ours (bf16 autocast or pure bf16 weights), not accelerate's wrapper. With
-`pure_bf16` the weights and AdamW states are bf16 and nothing compensates the rounding: an
-update smaller than half a bf16 ulp of its weight (about 0.4 % of the weight) is lost, so at
-small learning rates many weights never move. The run logs that warning; `bf16` (fp32 master
-weights) is the setting whose numerics match LLaMA-Factory's.
+`pure_bf16` the weights are bf16 and updated by `StochasticRoundingAdamW` (fp32 step, stochastic
+rounding), since plain AdamW on bf16 weights drops every update under half a bf16 ulp.
 """
 
 from __future__ import annotations
@@ -19,16 +17,12 @@ import torch
 from ptflow.config.schema import ModelSection, TrainSection
 from ptflow.errors import TrainingError
 from ptflow.train import sharding
+from ptflow.train.bf16_adamw import StochasticRoundingAdamW
 from ptflow.train.kernels import apply_speedups, base_causal_lm
 from ptflow.train.model import build_model, count_parameters, setup_finetuning
 from ptflow.train.telemetry import matmul_parameters
 
 log = logging.getLogger("ptflow.train")
-
-# Below this peak learning rate, most AdamW updates (about lr in size) fall under half a bf16 ulp of a
-# weight of magnitude ~0.02-0.1 and are rounded away; measured: at 5e-5 one step leaves 43 % of weights unchanged.
-PURE_BF16_SAFE_LR = 1e-3
-
 
 @dataclass
 class Built:
@@ -52,11 +46,6 @@ def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab
     net = setup_finetuning(build_model(section, model_dir, vocab_size, seed), train)
     if train.pure_bf16:
         net.to(torch.bfloat16)
-        if train.learning_rate < PURE_BF16_SAFE_LR:
-            log.warning("train: pure_bf16 at learning_rate %g: AdamW updates below half a bf16 ulp of their weight "
-                        "are rounded away (at 5e-5 one step leaves ~43%% of weights unchanged), so training "
-                        "stalls; use bf16: true (fp32 master weights) for numerics that match LLaMA-Factory",
-                        train.learning_rate)
     if train.gradient_checkpointing:
         if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -74,7 +63,12 @@ def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab
     return Built(net, sharded, n_total, n_trainable, n_matmul, speedups)
 
 
-def build_optimizer(net, train: TrainSection, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(net, train: TrainSection, device: torch.device, seed: int) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA); for bf16 weights the stochastic-rounding AdamW, which loses no update on average."""
+    if train.pure_bf16:
+        return StochasticRoundingAdamW(param_groups(net, train.weight_decay), lr=train.learning_rate,
+                                       betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
+                                       seed=seed)
     return torch.optim.AdamW(param_groups(net, train.weight_decay), lr=train.learning_rate,
                              betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
                              fused=device.type == "cuda")

@@ -183,7 +183,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     tok = open_tokenizer(tokenizer.path)
     model_dir = resolve_model_dir(model_section, weights=not model_section.train_from_scratch)
     built = build_net(model_section, model_dir, train, len(tok), seed, device, world)
-    optimizer = build_optimizer(built.net, train, device)
+    optimizer = build_optimizer(built.net, train, device, seed)
     scheduler = build_scheduler(optimizer, train, data.total_steps)
     checkpointer = Checkpointer(folder, train, accelerator, {**fingerprint, "world_size": world}, built.sharded)
     start_step, resumed_from, cursor = checkpointer.restore(built.net, optimizer, scheduler, data.plan is not None)

@@ -63,12 +63,12 @@ def eval_loss(model, blocks: np.ndarray, lengths: np.ndarray | None, batch_size:
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
     for rows, counted in eval_batches(len(blocks), batch_size, rank, world):
         ids, labels, mask = batch_tensors(blocks, lengths, rows)
-        positions = None if doc_starts is None else document_positions(doc_starts, rows, ids.shape[1]).to(device)
+        extra = {} if doc_starts is None else \
+            {"position_ids": document_positions(doc_starts, rows, ids.shape[1]).to(device)}
         ids, labels = ids.to(device), labels.to(device)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
-            logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device),
-                           position_ids=positions).logits
+            logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), **extra).logits
         if counted:
             targets = labels[:, 1:]
             totals[0] += torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,

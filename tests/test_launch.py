@@ -130,7 +130,9 @@ def test_a_stream_trains_the_same_on_two_processes(tiny_model_dir, tokenizer_art
 def padded(tmp_path_factory, tokenizer_artifact, session_layout):
     """Unpacked rows (packing: false): every block padded to 32 with its own token count, and held-out blocks."""
     folder = tmp_path_factory.mktemp("padded-data")
-    (folder / "rep.jsonl").write_text((ASSETS / "three_docs.jsonl").read_text() * 10)
+    lines = (ASSETS / "three_docs.jsonl").read_text().splitlines()
+    (folder / "rep.jsonl").write_text("".join(json.dumps({"text": json.loads(line)["text"] + f" Copy {i}."}) + "\n"
+                                              for i in range(10) for line in lines))  # 30 distinct documents
     write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})
     return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(folder), cutoff_len=32, packing=False,
                                        val_size=5), tokenizer_artifact, session_layout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from itertools import pairwise
 
 import numpy as np
@@ -23,7 +24,9 @@ from ptflow.train.telemetry import flops_per_token, matmul_parameters
 @pytest.fixture(scope="module")
 def docs_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("docs")
-    (folder / "rep.jsonl").write_text((ASSETS / "three_docs.jsonl").read_text() * 4)
+    lines = (ASSETS / "three_docs.jsonl").read_text().splitlines()
+    (folder / "rep.jsonl").write_text("".join(json.dumps({"text": json.loads(line)["text"] + f" Copy {i}."}) + "\n"
+                                              for i in range(4) for line in lines))  # 12 distinct documents
     return write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})
 
 
@@ -74,7 +77,7 @@ def test_padded_rows_weigh_tokens_not_micro_batches(docs_dir, tokenizer_artifact
 
 def test_doc_masked_evaluation_equals_each_document_alone(docs_dir, tokenizer_artifact, layout):
     data = prepare_dataset(DataSection(dataset="rep", dataset_dir=str(docs_dir), cutoff_len=16, doc_mask=True,
-                                       val_size=6), tokenizer_artifact, layout)
+                                       val_size=4), tokenizer_artifact, layout)
     blocks, starts = open_blocks(data, "eval")[0], open_doc_starts(data, "eval")
     assert starts is not None and any(len(s) > 1 for s in starts)
     net = tiny_model().eval()

@@ -27,7 +27,6 @@ from ptflow.publish.hub import check_access
 from ptflow.store.layout import Layout
 from ptflow.train.model import model_files
 
-
 _PASSED: set[str] = set()  # configs this process already checked: the CLI checks before Prefect starts, the flow again
 
 

@@ -110,3 +110,13 @@ def test_each_package_has_one_concern_and_init_files_import_nothing():
     for init in PACKAGE.rglob("__init__.py"):
         body = [n for n in ast.parse(init.read_text()).body if not isinstance(n, ast.Expr)]
         assert all(isinstance(n, ast.Assign) for n in body), f"{init} should hold a docstring (and constants) only"
+
+
+def test_no_function_in_the_training_package_exceeds_80_lines():
+    """The loop reads as named pieces (batch source, step, checkpointer, metrics), never one long function."""
+    long = []
+    for path in sorted((PACKAGE / "train").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -9,8 +9,9 @@ from tiny_assets import ASSETS, write_dataset_info
 
 from ptflow.config.schema import DataSection, ModelSection, TrainSection
 from ptflow.data.dataset import prepare_dataset
-from ptflow.errors import TrainingError
+from ptflow.errors import CheckpointError, TrainingError
 from ptflow.store.layout import Layout
+from ptflow.train import sharding
 from ptflow.train.loop import train
 
 pytestmark = pytest.mark.integration  # two extra Python processes: ~20 s on 2 cores
@@ -58,7 +59,8 @@ def test_rank_error_keeps_its_type_and_message(tiny_model_dir, tokenizer_artifac
 
 
 def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artifact, dataset, tmp_path, monkeypatch):
-    """Sharded training takes the same steps as DDP; checkpoints and the model hold full tensors; resume re-shards."""
+    """Sharded training takes the same steps as DDP; checkpoints are sharded (DCP) and re-shard onto any number of
+    processes; only the exported model holds full tensors; the stage refuses another process count, naming why."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -80,10 +82,24 @@ def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artif
     assert sharded.keys() == replicated.keys()
     for name in replicated:
         torch.testing.assert_close(sharded[name], replicated[name], atol=1e-5, rtol=0, msg=name)
-    checkpoint = load_file(fsdp.dir / "checkpoint-3" / "trainable.safetensors")
-    loaded = AutoModelForCausalLM.from_pretrained(fsdp.dir, use_safetensors=True)
+    loaded = AutoModelForCausalLM.from_pretrained(fsdp.dir, use_safetensors=True)  # the export: full tensors
     assert {n: tuple(p.shape) for n, p in loaded.named_parameters()} == \
-        {n: tuple(t.shape) for n, t in checkpoint.items()}  # full, unsharded tensors
+        {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(loaded.config).named_parameters()}
+    checkpoint = fsdp.dir / "checkpoint-3"
+    assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "trainable.safetensors").exists()
+    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2  # each rank wrote its own shards
+    # the sharded checkpoint re-shards onto one plain process: the same weights and AdamW state as DDP's
+    net = AutoModelForCausalLM.from_pretrained(fsdp.dir, use_safetensors=True)
+    optimizer = torch.optim.AdamW(net.parameters())
+    sharding.load_sharded(net, optimizer, checkpoint / "sharded")
+    replicated = load_file(ddp.dir / "checkpoint-3" / "trainable.safetensors")
+    for name, param in net.named_parameters():
+        torch.testing.assert_close(param.detach(), replicated[name], atol=1e-5, rtol=0, msg=name)
+    assert all(state["step"] == 3 for state in optimizer.state.values())
+    # the stage refuses to continue it on another number of processes, saying why
+    with pytest.raises(CheckpointError, match=r"world_size \(checkpoint 2, now 1\).*data cursor is a step of"):
+        train(model, settings(num_processes=1, per_device_train_batch_size=4, resume_from_checkpoint=str(checkpoint)),
+              tokenizer_artifact, dataset, Layout(tmp_path / "one"))
 
 
 def test_fsdp_with_one_process_or_lora_is_refused():
@@ -108,3 +124,29 @@ def test_a_stream_trains_the_same_on_two_processes(tiny_model_dir, tokenizer_art
     assert [r["loss"] for r in log_of(two)] == pytest.approx([r["loss"] for r in log_of(one)], abs=2e-4)
     cursor = json.loads((two.dir / "checkpoint-3" / "ptflow_checkpoint.json").read_text())["data_cursor"]
     assert cursor["offset"] == 3 * 4 * 32  # three steps of four 32-token blocks, whichever rank wrote it
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory, tokenizer_artifact, session_layout):
+    """Unpacked rows (packing: false): every block padded to 32 with its own token count, and held-out blocks."""
+    folder = tmp_path_factory.mktemp("padded-data")
+    lines = (ASSETS / "three_docs.jsonl").read_text().splitlines()
+    (folder / "rep.jsonl").write_text("".join(json.dumps({"text": json.loads(line)["text"] + f" Copy {i}."}) + "\n"
+                                              for i in range(10) for line in lines))  # 30 distinct documents
+    write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})
+    return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(folder), cutoff_len=32, packing=False,
+                                       val_size=5), tokenizer_artifact, session_layout)
+
+
+def test_two_processes_with_padding_match_one(tiny_model_dir, tokenizer_artifact, padded, tmp_path):
+    """The loss is the mean over the step's labelled tokens on every rank, so the split into ranks and micro-batches
+    does not matter even when rows hold different numbers of tokens; evaluation is sharded and gives the same loss."""
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    common = {"eval_steps": 3, "learning_rate": 1e-2}
+    two = train(model, settings(num_processes=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                                **common), tokenizer_artifact, padded, Layout(tmp_path / "a"), eval_batch_size=2)
+    one = train(model, settings(num_processes=1, per_device_train_batch_size=4, **common), tokenizer_artifact,
+                padded, Layout(tmp_path / "b"))
+    assert [r["loss"] for r in log_of(two)] == pytest.approx([r["loss"] for r in log_of(one)], abs=1e-5)
+    evals = [[r["eval_loss"] for r in log_of(run) if "eval_loss" in r] for run in (two, one)]
+    assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], abs=1e-5)

@@ -20,6 +20,7 @@ from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import CheckpointError, DataError, TrainingError
 from ptflow.store.entries import stage_key
 from ptflow.store.layout import Layout
+from ptflow.train import build
 from ptflow.train import loop as training
 from ptflow.train.checkpoint import META
 from ptflow.train.loop import DataOrder, train
@@ -245,7 +246,7 @@ def test_huge_learning_rate_stops_with_a_training_error(scratch, tokenizer_artif
 
 def test_nan_loss_names_its_step_and_keeps_only_good_checkpoints(scratch, tokenizer_artifact, dataset, layout,
                                                                  monkeypatch):
-    real_build = training.build_model
+    real_build = build.build_model
 
     def build_with_nan_at_step_3(*args, **kwargs):
         model = real_build(*args, **kwargs)
@@ -260,7 +261,7 @@ def test_nan_loss_names_its_step_and_keeps_only_good_checkpoints(scratch, tokeni
         model.register_forward_hook(poison, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(training, "build_model", build_with_nan_at_step_3)
+    monkeypatch.setattr(build, "build_model", build_with_nan_at_step_3)
     config = settings(logging_steps=5, save_steps=2)  # the NaN is seen at step 3, checked by step 4's checkpoint
     with pytest.raises(TrainingError, match=r"not finite at step 3;"):
         train(scratch, config, tokenizer_artifact, dataset, layout)
@@ -477,3 +478,18 @@ def test_train_loss_and_the_first_log_after_a_resume_match_an_unbroken_run(scrat
     want = json.loads((unbroken.dir / "train_results.json").read_text())["train_loss"]
     assert json.loads((resumed.dir / "train_results.json").read_text())["train_loss"] == pytest.approx(want, abs=1e-6)
     assert resumed.stats["train_loss"] == pytest.approx(unbroken.stats["train_loss"], abs=1e-6)
+
+
+def test_pure_bf16_resumes_exactly_with_stochastic_rounding(scratch, tokenizer_artifact, dataset, tmp_path):
+    """The rounding noise is a function of (seed, step): a resumed bf16 run rounds as the uninterrupted one did."""
+    config = settings(max_steps=6, save_steps=3, pure_bf16=True, learning_rate=5e-5)
+    whole = train(scratch, config, tokenizer_artifact, dataset, Layout(tmp_path / "whole"))
+    assert whole.stats["precision"] == "pure bf16"
+    layout = Layout(tmp_path / "split")
+    with pytest.raises(Interrupt):
+        train(scratch, config, tokenizer_artifact, dataset, layout, on_log=interrupt_at(4))
+    resumed = train(scratch, config, tokenizer_artifact, dataset, layout)
+    assert resumed.stats["resumed_from"].endswith("checkpoint-3")
+    assert losses(resumed.dir) == losses(whole.dir)
+    weights, reference = load_file(resumed.dir / "model.safetensors"), load_file(whole.dir / "model.safetensors")
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)

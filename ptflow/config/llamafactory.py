@@ -30,11 +30,11 @@ import yaml
 
 from ptflow.config.schema import (
     SECRET_KEYS,
-    is_secret,
     SECTIONS,
     TOP_LEVEL,
     RunConfig,
     apply_overrides,
+    is_secret,
     validate_config,
 )
 from ptflow.errors import ConfigError

@@ -25,7 +25,6 @@ from pydantic import (
 
 from ptflow.errors import ConfigError
 
-
 MAX_EPOCHS = 10_000  # bounds on what a run may ask for: 1e300 epochs would write checkpoints until the disk fills
 MAX_STEPS = 1_000_000_000
 MAX_SEED = 2**32 - 1  # numpy's seed range

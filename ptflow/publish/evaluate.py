@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ptflow.config.schema import EvalSection, ModelSection
-from ptflow.data.dataset import open_blocks
+from ptflow.data.dataset import open_blocks, open_doc_starts
 from ptflow.data.tokenizer import TOKENIZER_FILES, resolve_model_dir
 from ptflow.errors import DataError, ModelError
 from ptflow.store.entries import (
@@ -60,7 +60,8 @@ def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: L
         net, device = load_trained_model(model.dir)
         autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
         started = time.perf_counter()
-        loss, n_tokens = eval_loss(net, blocks, lengths, section.per_device_eval_batch_size, device, autocast)
+        loss, n_tokens = eval_loss(net, blocks, lengths, section.per_device_eval_batch_size, device, autocast,
+                                   doc_starts=open_doc_starts(dataset, "eval"))  # as trained: no cross-document attention
         runtime = time.perf_counter() - started
         del net
         if device.type == "cuda":

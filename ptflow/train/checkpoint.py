@@ -7,6 +7,10 @@ leave a named checkpoint with empty files. A checkpoint whose meta is missing or
 not match it (torn, truncated, bit rot) is skipped for the next older intact one, with a log line
 naming it. The fingerprint (dataset digest, tokenizer digest, train-config hash, world size)
 must match to resume; a mismatch names the field.
+
+Weights and optimizer state are either `trainable.safetensors` + `optimizer.pt` (one process or
+DDP: rank 0 copies them to the CPU) or, with FSDP, a `sharded/` torch.distributed.checkpoint folder
+that every rank writes its own shards into (see `sharding.save_sharded`).
 """
 
 from __future__ import annotations
@@ -26,44 +30,61 @@ from safetensors.torch import load_file, save_file
 from ptflow import faults
 from ptflow.errors import CheckpointError
 from ptflow.store.entries import sha256_file
+from ptflow.train import sharding
 
 log = logging.getLogger("ptflow.checkpoint")
 
 META = "ptflow_checkpoint.json"
 WEIGHTS = "trainable.safetensors"
+SHARDED = "sharded"  # FSDP: a torch.distributed.checkpoint folder (its .metadata is written last)
+WHY_WORLD = ("the data cursor is a step of per_device_train_batch_size x gradient_accumulation_steps x processes "
+             "blocks and the learning-rate schedule counts those steps, so another process count would train on "
+             "other batches than the run it continues; resume with the checkpoint's process count")
 NAME = re.compile(r"^checkpoint-(\d+)$")
 FILES = (WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pth")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Parameters that change during training (all for full, the adapters for lora), contiguous copies."""
-    return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """Parameters that change during training (all for full, the adapters for lora), copied to the CPU one by one.
+
+    A copy per tensor straight to host memory: no second copy of the whole model on the GPU.
+    """
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters()
+            if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict, extra: dict,
-                    states: tuple[dict, dict] | None = None) -> Path:
-    """`states`: (trainable weights, optimizer state) already gathered (FSDP); default: read from model/optimizer."""
-    final = folder / f"checkpoint-{step}"
+def temp_folder(folder: Path, step: int) -> Path:
+    """The hidden folder checkpoint-<step> is written into, emptied (before the ranks write sharded state)."""
     tmp = folder / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights, optimizer_state = states if states is not None else (trainable_state(model), optimizer.state_dict())
-    save_file(weights, tmp / WEIGHTS)
+    return tmp
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict, extra: dict,
+                    sharded: bool = False) -> Path:
+    """`sharded`: the ranks already wrote weights and optimizer into temp_folder(...)/sharded (FSDP)."""
+    final = folder / f"checkpoint-{step}"
+    tmp = folder / f".tmp-checkpoint-{step}"
+    if not sharded:
+        tmp = temp_folder(folder, step)
+        save_file(trainable_state(model), tmp / WEIGHTS)
     faults.point(f"checkpoint:writing-{step}")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if not sharded:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng_state.pth")
     (tmp / "trainer_state.json").write_text(json.dumps(extra.get("trainer_state", {}), indent=2))
-    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+    written = sorted(f for f in tmp.rglob("*") if f.is_file())  # sharded/ holds every rank's shard files
+    files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in written}
     meta = {"step": step, "fingerprint": fingerprint, "files": files,
             **{k: v for k, v in extra.items() if k != "trainer_state"}}
     (tmp / META).write_text(json.dumps(meta, indent=2))
-    for path in tmp.iterdir():
+    for path in [*written, tmp / META, *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
         _fsync(path)
-    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync(folder)
@@ -99,7 +120,8 @@ def damage(path: Path, verify: bool = False) -> str | None:
         return f"{META} is missing or unreadable (torn write)"
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         return f"{META} has no step"
-    missing = [f for f in FILES if not (path / f).is_file()]
+    state = (f"{SHARDED}/.metadata",) if (path / SHARDED).is_dir() else (WEIGHTS, "optimizer.pt")
+    missing = [f for f in (*state, "scheduler.pt", "rng_state.pth") if not (path / f).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
     for name, expected in meta.get("files", {}).items():
@@ -173,19 +195,30 @@ def check_fingerprint(path: Path, expected: dict) -> dict:
     problem = damage(path)
     if problem:
         raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a complete ptflow checkpoint "
-                              f"({problem}; needs {META}, {', '.join(FILES)} as written by ptflow)")
+                              f"({problem}; needs {META}, {WEIGHTS} + optimizer.pt or {SHARDED}/, scheduler.pt, "
+                              "rng_state.pth as written by ptflow)")
     meta = json.loads((path / META).read_text())
     found = meta.get("fingerprint", {})
     changed = [f"{k} (checkpoint {str(found.get(k))[:16]}, now {str(v)[:16]})"
                for k, v in expected.items() if found.get(k) != v]
     if changed:
+        why = f" ({WHY_WORLD})" if found.get("world_size") != expected.get("world_size") else ""
         raise CheckpointError(f"train.resume_from_checkpoint: {path} was made by a different run; changed: "
-                              f"{', '.join(changed)}. Set train.resume_from_checkpoint: false to start over.")
+                              f"{', '.join(changed)}{why}. Set train.resume_from_checkpoint: false to start over.")
     return meta
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, load_states=None) -> None:
-    """Restore a checkpoint; `load_states(weights, optimizer_state)` puts them into a sharded (FSDP) model."""
+    """Restore a checkpoint. A sharded one is re-sharded onto the model as it is laid out now (FSDP over any
+    number of ranks, or one process); `load_states(weights, optimizer_state)` puts a full one into an FSDP model."""
+    if (path / SHARDED).is_dir():
+        sharding.load_sharded(model, optimizer, path / SHARDED)
+    else:
+        load_full(path, model, optimizer, load_states)
+    load_run_state(path, scheduler)
+
+
+def load_full(path: Path, model, optimizer, load_states=None) -> None:
     state = load_file(path / WEIGHTS)
     params = dict(model.named_parameters())
     missing = [name for name in state if name not in params]
@@ -199,6 +232,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, load_states=None) -
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
         optimizer.load_state_dict(optimizer_state)
+
+
+def load_run_state(path: Path, scheduler) -> None:
+    """The schedule's position and the RNG states of rank 0 when it saved."""
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng_state.pth", weights_only=False)  # our own file: python/numpy RNG tuples
     random.setstate(rng["python"])

@@ -24,7 +24,7 @@ def main(spec_path: str) -> int:
     try:
         stats = run_training(folder, ModelSection(**spec["model"]), TrainSection(**spec["train"]),
                              Artifact(**spec["tokenizer"]), Artifact(**spec["dataset"]), spec["seed"],
-                             spec["fingerprint"])
+                             spec["fingerprint"], eval_batch_size=spec.get("eval_batch_size"))
     except PtflowError as exc:
         if rank0:
             (folder / ERROR).write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))

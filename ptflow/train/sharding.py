@@ -3,15 +3,18 @@
 PyTorch's FSDP2 (`fully_shard`), one unit per decoder layer plus the root (embeddings, final norm,
 head), on the process group torchrun/accelerate set up (NCCL on GPUs, gloo on CPUs, so the CPU
 tests exercise the same code). The rest of the train stage stays as it is: the same batches per
-rank as DDP, the same checkpoint files. Checkpoints and the final model hold *full* tensors
-(gathered to rank 0 through `torch.distributed.checkpoint.state_dict`), so they load with
-`from_pretrained` and a resume re-shards them on any rank.
+rank as DDP. Checkpoints are sharded: every rank writes its own shards of the weights and AdamW
+states through `torch.distributed.checkpoint` (DCP), so a save moves no tensor between ranks and
+needs no rank to hold the full state; DCP re-shards at load, onto any number of ranks (or one plain
+model). Only the final model is gathered to full tensors on rank 0, so it loads with `from_pretrained`.
 
 With `torch_compile`, each decoder layer's forward is compiled (not the module call), so FSDP's
 all-gather hooks run outside the compiled graph.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -45,11 +48,34 @@ def compile_layers(model) -> str:
     return "torch.compile (each decoder layer's forward, FSDP hooks eager)"
 
 
-def full_states(model, optimizer) -> tuple[dict, dict]:
-    """Full model and optimizer state dicts on CPU (a collective: every rank calls it; rank 0 gets the tensors)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def save_sharded(model, optimizer, folder: Path) -> None:
+    """Every rank writes its shards of the weights and optimizer state into `folder` (a collective)."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights, optimizer_state = get_state_dict(model, optimizer)
+    save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+
+def load_sharded(model, optimizer, folder: Path) -> None:
+    """Read a DCP checkpoint into `model`/`optimizer`, re-sharding to however they are laid out now."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, optimizer_state = get_state_dict(model, optimizer)  # the current layout: DCP fills it in place
+    state = {"model": weights, "optimizer": optimizer_state}
+    load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_weights(model) -> dict:
+    """The full model state dict on rank 0's CPU (a collective: every rank calls it), for the exported model."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def without_tied(model, state: dict) -> dict:
@@ -59,14 +85,8 @@ def without_tied(model, state: dict) -> dict:
     return {name: tensor for name, tensor in state.items() if name not in every - unique}
 
 
-def trainable_only(model, state: dict) -> dict:
-    """The checkpointed subset of a full state dict: parameters that train (as checkpoint.trainable_state)."""
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {name: tensor.contiguous() for name, tensor in state.items() if name in names}
-
-
 def load_full_states(model, optimizer, weights: dict, optimizer_state: dict) -> None:
-    """Put full (unsharded) weights and optimizer state back into the sharded model on every rank."""
+    """Put full (unsharded) weights and optimizer state, as one process saves them, into the sharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,

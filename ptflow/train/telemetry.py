@@ -1,8 +1,12 @@
 """Training throughput numbers: tokens/s per device, MFU, peak memory, data-wait share, ETA.
 
-MFU = achieved model FLOPs / peak dense bf16 FLOPs of the device, with model FLOPs per
-token = 6 x parameters + 12 x layers x hidden x sequence (attention), as in the PaLM paper
-and torchtitan. Peak FLOPs come from the table below; unknown devices and CPUs report None.
+MFU = achieved model FLOPs / peak dense bf16 FLOPs of the device, with model FLOPs per token
+= 6 x N + 12 x layers x hidden x sequence, as torchtitan and the PaLM paper (appendix B) count
+them: N counts the parameters that do a matrix multiply per token, i.e. all but the input
+embedding table (a lookup; the LM head, tied or not, is counted); the second term is the
+attention score and value matmuls (12 L H Q T with H x Q = hidden). Counting the embedding
+table in N, as a plain parameter count does, inflates MFU most for small models with large
+vocabularies. Peak FLOPs come from the table below; unknown devices and CPUs report None.
 """
 
 from __future__ import annotations
@@ -39,7 +43,18 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: `n_params` should be `matmul_parameters(model)`, not the full count."""
     return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+def matmul_parameters(model) -> int:
+    """Parameters used in a matrix multiply per token: all but the input embedding table, unless tied to the head."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is embedding:
+        return total  # the shared table is the head's matmul too
+    return total - embedding.numel()
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -1,0 +1,82 @@
+"""The loop's checkpoint policy: which checkpoint to resume from, restoring it, saving and rotating.
+
+File formats, the fingerprint check and torn-checkpoint detection live in `checkpoint`; this
+module decides when and on which rank. Only rank 0 deletes, renames or writes the run's files
+(the others wait at a barrier), so several processes never race on the same folder; with FSDP
+every rank writes its own shards (torch.distributed.checkpoint) and nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from functools import partial
+from pathlib import Path
+
+from ptflow.config.schema import TrainSection
+from ptflow.data.stream import Cursor
+from ptflow.errors import CheckpointError
+from ptflow.train import checkpoint as ckpt
+from ptflow.train import sharding
+
+log = logging.getLogger("ptflow.train")
+
+
+def resume_path(folder: Path, setting: str | bool, accelerator) -> Path | None:
+    """The checkpoint to resume from; `false` deletes earlier checkpoints (rank 0 only, then a barrier)."""
+    if setting is False or setting in ("false", "False"):
+        if accelerator.is_main_process:
+            for _, path in ckpt.list_checkpoints(folder):
+                shutil.rmtree(path)
+        accelerator.wait_for_everyone()
+        return None
+    if setting in (True, "auto", "true", "True"):
+        return ckpt.newest_valid(folder)
+    path = Path(str(setting)).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a directory; give a checkpoint-<step> "
+                              "folder, auto, or false")
+    return path
+
+
+class Checkpointer:
+    """Resumes and saves one run's checkpoints under `folder`."""
+
+    def __init__(self, folder: Path, train: TrainSection, accelerator, fingerprint: dict, sharded: bool):
+        self.folder, self.train, self.accelerator = folder, train, accelerator
+        self.fingerprint, self.sharded = fingerprint, sharded
+        self.running: dict = {}  # the running loss sums of the checkpoint resumed from
+
+    def restore(self, net, optimizer, scheduler, streamed: bool) -> tuple[int, Path | None, Cursor | None]:
+        """(start step, checkpoint resumed from, stream cursor) after loading the newest valid checkpoint."""
+        path = resume_path(self.folder, self.train.resume_from_checkpoint, self.accelerator)
+        if path is None:
+            return 0, None, None
+        meta = ckpt.check_fingerprint(path, self.fingerprint)
+        if streamed and "data_cursor" not in meta:
+            raise CheckpointError(f"train.resume_from_checkpoint: {path} has no data cursor, so the stream cannot "
+                                  "resume where it stopped; set train.resume_from_checkpoint: false to start over")
+        ckpt.load_checkpoint(path, net, optimizer, scheduler,
+                             load_states=partial(sharding.load_full_states, net, optimizer) if self.sharded else None)
+        cursor = Cursor.from_json(meta["data_cursor"]) if streamed else None
+        self.running = meta.get("running_loss", {})  # so train_loss and the next logged loss match an unbroken run
+        return meta["step"], path, cursor
+
+    def save(self, step: int, net, optimizer, scheduler, extra: dict) -> None:
+        """Write checkpoint-<step> (every rank calls it) and rotate old ones.
+
+        With FSDP every rank writes its own shards into the temp folder first (no gather); rank 0 then
+        adds the schedule, RNG and metadata and renames the folder into place.
+        """
+        main = self.accelerator.is_main_process
+        if self.sharded:
+            if main:
+                ckpt.temp_folder(self.folder, step)
+            self.accelerator.wait_for_everyone()
+            sharding.save_sharded(net, optimizer, self.folder / f".tmp-checkpoint-{step}" / ckpt.SHARDED)
+        self.accelerator.wait_for_everyone()
+        if main:
+            ckpt.save_checkpoint(self.folder, step, self.accelerator.unwrap_model(net), optimizer, scheduler,
+                                 self.fingerprint, extra, sharded=self.sharded)
+            ckpt.rotate(self.folder, self.train.save_total_limit)
+        self.accelerator.wait_for_everyone()  # nobody races ahead to a resume or deletion of a half-written folder

@@ -171,9 +171,11 @@ def run(config: str, overrides: list[str]) -> int:
     print_llamafactory_notes(config, overrides)
     cfg = load_config(config, overrides)
     preflight(cfg, config)  # fail before Prefect starts
+    from flows.console import keep_bars_apart
     from flows.embedded import start_embedded_server
     from flows.pretrain import pretrain
 
+    keep_bars_apart()
     signal.signal(signal.SIGTERM, _stop)
     started = time.perf_counter()
     with recorded_run(cfg, config, overrides) as record:

@@ -80,9 +80,9 @@ def newest_checkpoint_since(layout: Layout, since: float) -> int | None:
     best = None
     for folder in layout.stage_dir("train").glob("*.work/checkpoint-*"):
         match = CHECKPOINT.match(folder.name)
-        if match and folder.stat().st_mtime >= since:
-            if best is None or folder.stat().st_mtime > best[0]:
-                best = (folder.stat().st_mtime, int(match.group(1)))
+        mtime = folder.stat().st_mtime if match else 0.0
+        if match and mtime >= since and (best is None or mtime > best[0]):
+            best = (mtime, int(match.group(1)))
     return best[1] if best else None
 
 

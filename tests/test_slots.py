@@ -47,6 +47,7 @@ def hold(run_name: str) -> int:
         return active_slots(f"ptflow-train-{run_name}")
 
 
+@pytest.mark.timeout(600)  # before the fix this waited forever
 def test_a_slot_left_by_a_dead_run_is_released_at_once_and_said_so(prefect_api, embedded, caplog):
     hold("dead")  # creates the limit
     take("ptflow-train-dead")

@@ -149,6 +149,7 @@ def test_signal_stops_the_run_in_seconds_and_the_same_command_resumes(how, tmp_p
     else:  # kill PID, a container stop, a scheduler's preemption
         run.process.send_signal(signal.SIGTERM)
     elapsed = run.wait_exit(timeout=60)
+    print(f"{how}: exited {elapsed:.1f} s after the signal")  # shown with -rP
     text = run.text
     assert elapsed < 15, f"took {elapsed:.1f} s to exit: {text[-3000:]}"
     assert run.process.returncode == (130 if how == "SIGINT" else 143), text[-3000:]
@@ -175,12 +176,16 @@ def test_kill_9_of_the_cli_then_the_same_command_resumes_without_waiting(tmp_pat
     run.process.send_signal(signal.SIGKILL)  # only the CLI: no chance to clean anything up
     run.wait_exit(timeout=30)
     assert run.process.returncode == -signal.SIGKILL
+    started = time.monotonic()
     assert wait_until_gone(store, 15) == []  # the embedded server ends with its parent
+    print(f"kill -9: the run's last process was gone {time.monotonic() - started:.1f} s after the CLI")
     assert prefect_db(tmp_path, "SELECT active_slots FROM concurrency_limit_v2 "
                                 "WHERE name = 'ptflow-train-interrupt'") == [(1,)]  # what used to block re-runs
     seen = logged_losses(work_folder(store))
     newest = max((p.name for p in work_folder(store).glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+    started = time.monotonic()
     output = rerun_resumes(env, tmp_path, seen, newest)
+    print(f"kill -9: the re-run took {time.monotonic() - started:.1f} s")
     assert re.search(r"released ptflow-train-interrupt, left taken by flow run \S+ \(.*pid \d+", output), output[-3000:]
     runs = run_cli(env, "runs")
     assert re.search(r"^interrupt\s+completed\s+10\s", runs.stdout, re.MULTILINE), runs.stdout

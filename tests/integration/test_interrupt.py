@@ -126,7 +126,7 @@ def work_folder(store: Path) -> Path:
 
 def rerun_resumes(env: dict, tmp_path: Path, seen: dict[int, float], newest: str) -> str:
     """Run the same command; it must resume from `newest` and log the same losses for the steps seen before."""
-    rerun = run_cli(env, "run", "configs/quickstart.yaml", *FAST, timeout=900)  # a hang never ends; a loaded 2-core machine takes 6 min
+    rerun = run_cli(env, "run", "configs/quickstart.yaml", *FAST, timeout=900)  # loaded machine: 6 min
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     rows = {row["stage"]: row for row in json.loads((tmp_path / "summary.json").read_text())["stages"]}
     assert rows["prepare_dataset"]["cache"] == "hit" and rows["train"]["cache"] == "miss"

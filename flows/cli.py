@@ -7,12 +7,16 @@
     ptflow convert-lf LF.yaml [-o OUT.yaml]          write the ptflow YAML of a LLaMA-Factory pt YAML
     ptflow deploy [--pool-type gpu=kubernetes]       create prefect.yaml's work pools and apply its deployments
     ptflow cache list|gc|verify [--store DIR]        the store's entries; sweep crash leftovers; re-hash all
+    ptflow runs [--store PATH]                       the runs in this store: state, last step, output folder, lineage
+    ptflow --version
 
 `run` and `validate` also take a LLaMA-Factory pt YAML as it is (flat keys, `stage: pt`) and print
 what each key became; its overrides may be flat (`learning_rate=3e-4`) or dotted.
 
 User errors (config, data, model, checkpoint) print a readable message and exit 2 without
-a traceback; anything else is a bug and keeps its traceback.
+a traceback; anything else is a bug and keeps its traceback. Ctrl-C or SIGTERM stops a run at
+once: the run's flow and task runs end Crashed, its children (torchrun, Prefect's embedded
+server) are ended, and one line says how to resume (exit 130; 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -20,20 +24,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import ptflow
 from ptflow.errors import PtflowError
 
 QUIET_PREFECT = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "ptflow",
     "TOKENIZERS_PARALLELISM": "true",
+    # Prefect waits 20 s for its embedded server; a first start (database migrations) on a busy machine needs more.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the run is so that it unwinds as a Ctrl-C does (final states, children ended)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptflow", description="Pretraining as a cached, resumable Prefect flow.")
+    parser.add_argument("--version", action="version", version=f"ptflow {ptflow.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run the pretraining flow"), ("validate", "check a config without running")):
         p = sub.add_parser(name, help=help_text)
@@ -51,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code-dir", help="where workers find this project (PTFLOW_PROJECT_DIR; default: --project-dir)")
     p.add_argument("--dry-run", action="store_true", help="print the prefect commands instead of running them")
     add_cache_parser(sub)
+    p = sub.add_parser("runs", help="list the runs in this store: state, last step, output folder, lineage")
+    p.add_argument("--store", help="store root (default: $PTFLOW_HOME, else ~/.cache/ptflow)")
     args = parser.parse_args(argv)
     try:
         if args.command == "cache":
@@ -65,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return deploy(args.project_dir, args.pool_type, args.code_dir, args.dry_run)
         if args.command == "convert-lf":
             return convert_lf(args.config, args.output)
+        if args.command == "runs":
+            return list_runs(args.store)
         if args.llamafactory:
             from ptflow.config.llamafactory import reference_table
 
@@ -77,9 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     except PtflowError as exc:
         print(f"ptflow: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ptflow: interrupted; re-run the same command to resume (finished stages are cached)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break the shutdown that follows
+            signal.signal(sig, signal.SIG_IGN)
+        how = f"; resume with: {resume_command(args)}" if args.command == "run" else ""
+        print(f"\nptflow: stopped by {'SIGTERM' if isinstance(exc, Stopped) else 'Ctrl-C'}{how} "
+              "(finished stages are reused, training continues from its newest checkpoint)", file=sys.stderr)
+        return 143 if isinstance(exc, Stopped) else 130
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    return shlex.join(["ptflow", "run", args.config, *args.overrides])
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped()
 
 
 def add_cache_parser(sub) -> None:
@@ -136,11 +169,19 @@ def run(config: str, overrides: list[str]) -> int:
     from ptflow.preflight import preflight
 
     print_llamafactory_notes(config, overrides)
-    preflight(load_config(config, overrides), config)  # fail before Prefect starts
+    cfg = load_config(config, overrides)
+    preflight(cfg, config)  # fail before Prefect starts
+    from flows.console import keep_bars_apart
+    from flows.embedded import start_embedded_server
     from flows.pretrain import pretrain
 
+    keep_bars_apart()
+    signal.signal(signal.SIGTERM, _stop)
     started = time.perf_counter()
-    summary = pretrain(config_path=config, overrides=list(overrides))
+    with recorded_run(cfg, config, overrides) as record:
+        start_embedded_server()
+        summary = pretrain(config_path=config, overrides=list(overrides))
+        record["summary"] = summary
     elapsed = time.perf_counter() - started
     print()
     print(f"ptflow: finished in {elapsed:.1f} s")
@@ -176,6 +217,38 @@ def check_prefect_home() -> None:
         raise StoreError(f"PREFECT_HOME {home}: the disk is full ({free >> 20} MiB free; Prefect's database needs "
                          f"at least {PREFECT_HOME_MIN_FREE >> 20} MiB). Free space there or point PREFECT_HOME at "
                          "another disk (or PREFECT_API_URL at a server), then re-run.")
+@contextmanager
+def recorded_run(cfg, config: str, overrides: list[str]) -> Iterator[dict]:
+    """Keep this run's record (`ptflow runs`) and say what a re-used run_name replaces."""
+    from ptflow.store import runs
+    from ptflow.store.entries import read_manifest
+    from ptflow.store.layout import Layout
+
+    layout = Layout.resolve(cfg.store)
+    output_dir = layout.output_dir(cfg.output.output_dir, cfg.run_name)
+    note = runs.begin(layout, cfg.run_name, config, list(overrides), cfg.model_dump(mode="json"), output_dir)
+    if note:
+        print(f"ptflow: {note}", flush=True)
+    since, state, outcome = time.time(), "failed", {}
+    try:
+        yield outcome
+        state = "completed"
+    except KeyboardInterrupt:
+        state = "stopped"
+        raise
+    finally:
+        train = [row for row in outcome.get("summary", {}).get("stages", []) if row["stage"] == "train"]
+        last_step = read_manifest(Path(train[0]["path"]))["stats"].get("total_steps") if train else \
+            runs.newest_checkpoint_since(layout, since)
+        runs.finish(layout, cfg.run_name, state, last_step)
+
+
+def list_runs(store: str | None) -> int:
+    from ptflow.store import runs
+    from ptflow.store.layout import Layout
+
+    print(runs.format_runs(runs.list_runs(Layout.resolve(store))))
+    return 0
 
 
 def print_llamafactory_notes(config: str, overrides: list[str], file=None) -> None:
@@ -188,8 +261,6 @@ def print_llamafactory_notes(config: str, overrides: list[str], file=None) -> No
 
 
 def convert_lf(config: str, output: str | None) -> int:
-    from pathlib import Path
-
     from ptflow.config.llamafactory import convert_file
     from ptflow.errors import ConfigError
 

@@ -58,7 +58,7 @@ def pretrain(config_path: str, overrides: list[str] | None = None) -> dict:
     if cfg.train.do_train:
         plots = run_stage(plot_loss, model, layout=layout, redo=redo) if cfg.output.plot_loss else None
         export(plots, output_dir)
-        provenance = {"prefect flow run": run_label, "prefect flow run url": flow_run.get_flow_run_ui_url() or "n/a"}
+        provenance = {"prefect flow run": run_label, "prefect flow run url": flow_run.get_flow_run_ui_url()}
         card = run_stage(write_model_card, cfg, tokenizer, dataset, model, evaluation, plots,
                          provenance=provenance, layout=layout, redo=redo)
         export(card, output_dir)

@@ -8,20 +8,16 @@ the key it computed. A train that is already in the store never books a GPU.
 One run per run_name trains at a time: the flow holds the global concurrency limit
 `ptflow-train-<run_name>` (limit 1, created on first use) from choosing the start model to
 recording it in the lineage, so a second scheduled run waits instead of training on top of
-a run still in progress.
+a run still in progress (tasks/slots.py; a dead holder never blocks a re-run).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from dataclasses import replace
 
-from prefect import get_client, get_run_logger
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
+from prefect import get_run_logger
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 
 from ptflow.config.schema import RunConfig
@@ -33,6 +29,7 @@ from ptflow.store.lineage import Start, record, start_model
 from ptflow.store.stage import Planned
 from ptflow.store.verdict import locate, predict
 from tasks.runner import note_resume, run_planned
+from tasks.slots import lineage_slot
 from tasks.stages import train
 
 
@@ -70,21 +67,3 @@ def train_on_pool(cfg: RunConfig, config_path: str, overrides: list[str], planne
     reason = "forced by orchestration.force/from_stage" if force else verdict.reason
     model = replace(locate(layout, "train", verdict.key), hit=False, reason=f"{reason}; trained by {child.name}")
     return note_resume(model)
-
-
-@contextmanager
-def lineage_slot(run_name: str) -> Iterator[None]:
-    """Hold `ptflow-train-<run_name>` (a global concurrency limit of 1 slot) while training this lineage."""
-    name = f"ptflow-train-{run_name}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # another run created it first
-                pass
-    # The shortest lease the server accepts, renewed while training runs: a run killed with -9 frees
-    # the slot within 60 s instead of blocking its own re-run for the 300 s default.
-    with concurrency(name, occupy=1, strict=True, lease_duration=60):
-        yield

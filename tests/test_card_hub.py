@@ -27,7 +27,7 @@ def fake(stage: str, stats: dict, digest: str) -> Artifact:
     return Artifact(stage=stage, key=digest[:32], path="/nonexistent", digest=digest, stats=stats)
 
 
-def card_for(make_config, layout, perplexity: float, **sections):
+def card_for(make_config, layout, perplexity: float, url: str | None = "http://ui/runs/flow-run/1234", **sections):
     config = make_config(run_name="tiny-lm", **sections)
     tokenizer = fake("load_tokenizer", {}, "1" * 64)
     dataset = fake("prepare_dataset", {"sources": SOURCES, "train_blocks": 30, "eval_blocks": 2,
@@ -37,7 +37,7 @@ def card_for(make_config, layout, perplexity: float, **sections):
     evaluation = fake("evaluate", {"eval_loss": math.log(perplexity) if math.isfinite(perplexity) else 1e4,
                                    "perplexity": perplexity, "eval_tokens": 126, "eval_set_digest": "4" * 64}, "5" * 64)
     plots = fake("plot_loss", {"plots": ["training_loss.png", "training_eval_loss.png"]}, "6" * 64)
-    provenance = {"prefect flow run": "pretrain/brave-fox (1234)", "prefect flow run url": "http://ui/runs/flow-run/1234"}
+    provenance = {"prefect flow run": "pretrain/brave-fox (1234)", "prefect flow run url": url}
     artifact = write_model_card(config, tokenizer, dataset, model, evaluation, plots, layout, provenance)
     return artifact.dir / "README.md"
 
@@ -98,6 +98,13 @@ def test_an_overflowed_perplexity_stays_out_of_the_model_index(make_config, layo
     metadata = hub_checks(path)
     assert "model-index" not in metadata
     assert "| perplexity | inf |" in path.read_text()
+
+
+def test_card_has_no_flow_run_url_row_without_a_ui(make_config, layout):
+    """The embedded Prefect server has no UI: the card leaves the URL row out instead of writing a placeholder."""
+    text = card_for(make_config, layout, 42.0, url=None).read_text()
+    assert "| prefect flow run | pretrain/brave-fox (1234) |" in text
+    assert "prefect flow run url" not in text
 
 
 def test_card_body_has_mixture_provenance_and_no_token(make_config, layout):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_assets import ASSETS, write_dataset_info
@@ -56,6 +57,29 @@ def test_rank_error_keeps_its_type_and_message(tiny_model_dir, tokenizer_artifac
     with pytest.raises(TrainingError, match=r"not finite at step \d"):
         train(model, settings(num_processes=2, per_device_train_batch_size=2, learning_rate=1e10, max_grad_norm=0),
               tokenizer_artifact, dataset, Layout(tmp_path / "c"))
+
+
+def test_an_interrupted_launch_ends_torchrun_and_every_rank(tiny_model_dir, tokenizer_artifact, dataset, tmp_path):
+    """Ctrl-C or SIGTERM in the parent (raised in its relay loop): the whole torchrun group is ended."""
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+
+    def stop_at_step_2(record: dict) -> None:
+        if record.get("current_steps") == 2:
+            raise KeyboardInterrupt
+
+    layout = Layout(tmp_path / "d")
+    with pytest.raises(KeyboardInterrupt):
+        train(model, settings(num_processes=2, per_device_train_batch_size=2, max_steps=200), tokenizer_artifact,
+              dataset, layout, on_log=stop_at_step_2)
+    marker = str(layout.root).encode()
+    left = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+                left.append((entry / "cmdline").read_bytes())
+        except OSError:
+            continue
+    assert left == []
 
 
 def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artifact, dataset, tmp_path, monkeypatch):

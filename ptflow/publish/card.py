@@ -183,7 +183,8 @@ def render_card(config, tokenizer, dataset, model, evaluation, plots, provenance
               f"| eval set digest | `{results.get('eval_set_digest', 'n/a')}` |",
               f"| code version (git) | `{git_sha() or 'unknown'}` |"]
     for key, value in provenance.items():
-        lines.append(f"| {key} | {value} |")
+        if value:  # no UI URL in the embedded mode: no row, rather than a placeholder
+            lines.append(f"| {key} | {value} |")
     lines += [f"| {name} | {version} |" for name, version in framework_versions().items()]
     lines += ["", "## Config", "", "```json", json.dumps(public_config(config), indent=2), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

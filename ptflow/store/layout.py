@@ -7,6 +7,7 @@
     <root>/cache/<stage>/index.json      a stage's bookkeeping (tokenize: what each file was last tokenized with)
     <root>/runs/<run_name>/              the default output_dir of a run
     <root>/lineage/<run_name>.jsonl      the models a run_name has trained, oldest first (continual pretraining)
+    <root>/run-records/<run_name>.json   the newest `ptflow run` of a run_name: state, config, last step (`ptflow runs`)
 
 The root is `store:` from the config, else $PTFLOW_HOME, else ~/.cache/ptflow: a local folder,
 a `file://` URL, or a shared filesystem (NFS, EFS, Filestore, a mounted bucket) that every
@@ -74,6 +75,12 @@ class Layout:
 
     def lineage_file(self, run_name: str) -> Path:
         return self.root / "lineage" / f"{run_name}.jsonl"
+
+    def run_record(self, run_name: str) -> Path:
+        return self.root / "run-records" / f"{run_name}.json"
+
+    def run_records(self) -> Path:
+        return self.root / "run-records"
 
     def run_dir(self, run_name: str) -> Path:
         return self.root / "runs" / run_name

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from ptflow import errors
+from ptflow import child, errors
 from ptflow.errors import PtflowError, TrainingError
 
 SPEC, STATS, ERROR = ".launch-spec.json", ".launch-stats.json", ".launch-error.json"
@@ -41,18 +39,16 @@ def launch_training(folder: Path, spec: dict, num_processes: int, on_log: Callab
     """Run `run_training` on `num_processes` ranks and return rank 0's stats."""
     spec_path = folder / SPEC
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
-           "-m", "ptflow.train.rank", str(spec_path)]
     log_path, relayed = folder / "trainer_log.jsonl", 0
-    process = subprocess.Popen(cmd, env={**os.environ, "PTFLOW_LAUNCHED": "1"})
+    # Its own process group, ended as a whole (ranks included) when this stops or dies: see ptflow/child.py.
+    process = child.start("torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+                          "-m", "ptflow.train.rank", str(spec_path), env={**os.environ, "PTFLOW_LAUNCHED": "1"})
     try:
         while process.poll() is None:
             time.sleep(1.0)
             relayed = _relay(log_path, relayed, on_log)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        child.end_group(process)
     _relay(log_path, relayed, on_log)
     try:
         if process.returncode != 0:

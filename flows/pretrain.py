@@ -19,6 +19,7 @@ import tasks  # noqa: F401  (routes ptflow logs into Prefect)
 from ptflow.config.loading import load_config
 from ptflow.preflight import preflight
 from ptflow.publish.evaluate import existing_model
+from ptflow.store.gc import verify_inputs
 from ptflow.store.layout import Layout
 from ptflow.store.outputs import export, prepare_output_dir
 from tasks.placement import train_model
@@ -41,6 +42,8 @@ def pretrain(config_path: str, overrides: list[str] | None = None) -> dict:
     layout = Layout.resolve(cfg.store)
     output_dir = prepare_output_dir(layout.output_dir(cfg.output.output_dir, cfg.run_name))
     redo = cfg.orchestration.forced_stages()
+    if redo:  # a forced stage re-hashes its inputs: the fast check trusts size and mtime
+        verify_inputs(layout)
 
     tokenizer = run_stage(load_tokenizer, cfg.model, layout=layout, redo=redo)
     dataset = run_stage(prepare_dataset, cfg.data, tokenizer, seed=cfg.seed, layout=layout, redo=redo)

@@ -29,7 +29,7 @@ def train_stage(config_path: str, tokenizer_key: str, dataset_key: str, override
     dataset = locate(layout, "prepare_dataset", dataset_key)
     start = start_from_key(cfg, layout, parent_key)
     model = run_stage(train, start.section, cfg.train, tokenizer, dataset, seed=cfg.seed, layout=layout,
-                      redo={"train"} if force else ())
+                      eval_batch_size=cfg.eval.per_device_eval_batch_size, redo={"train"} if force else ())
     if cfg.eval.do_eval and dataset.stats["eval_blocks"]:  # where the model is: the parent then finds it stored
         run_stage(evaluate, cfg.eval, model, dataset, layout=layout, redo={"evaluate"} if force else ())
     return {"key": model.key, "path": model.path, "hit": model.hit, "reason": model.reason,

@@ -39,7 +39,8 @@ def train_model(cfg: RunConfig, config_path: str, overrides: list[str], tokenize
     with lineage_slot(cfg.run_name):
         start = start_model(cfg, layout, dataset)
         get_run_logger().info("train: %s", start.note)
-        planned = STAGES["train"].plan(start.section, cfg.train, tokenizer, dataset, layout=layout, seed=cfg.seed)
+        planned = STAGES["train"].plan(start.section, cfg.train, tokenizer, dataset, layout=layout, seed=cfg.seed,
+                                       eval_batch_size=cfg.eval.per_device_eval_batch_size)
         if cfg.orchestration.placement == "gpu-pool":
             model = train_on_pool(cfg, config_path, overrides, planned, start, layout, "train" in redo)
         else:

@@ -39,14 +39,15 @@ def prepare_dataset(section: DataSection, tokenizer: Artifact, layout: Layout, s
 
 @task(name="train", **STAGE_OPTIONS)
 def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset: Artifact, layout: Layout,
-          seed: int, parts: dict | None = None) -> Artifact:
+          seed: int, eval_batch_size: int | None = None, parts: dict | None = None) -> Artifact:
     progress = create_progress_artifact(0.0, key="train-progress", description="training: waiting for step 1")
 
     def on_log(record: dict) -> None:
         if "percentage" in record:
             update_progress_artifact(progress, record["percentage"], description=progress_line(record))
 
-    return training.train(model, train, tokenizer, dataset, layout, seed, on_log=on_log, parts=parts)
+    return training.train(model, train, tokenizer, dataset, layout, seed, on_log=on_log, parts=parts,
+                          eval_batch_size=eval_batch_size)
 
 
 def progress_line(record: dict) -> str:

@@ -95,7 +95,8 @@ def plan_steps(train: TrainSection, n_blocks: int | None, world_size: int) -> tu
 
 
 def components(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset: Artifact,
-               layout: Layout, seed: int = 42) -> dict:
+               layout: Layout, seed: int = 42, eval_batch_size: int | None = None) -> dict:
+    """The train key; `eval_batch_size` changes how fast evaluation runs, not what it computes: not keyed."""
     model_dir = resolve_model_dir(model, weights=not model.train_from_scratch)
     memo = DigestMemo(layout)
     model_inputs = {f.name: memo.digest(f) for f in model_files(model_dir, model.train_from_scratch)}

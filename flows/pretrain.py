@@ -24,14 +24,7 @@ from ptflow.store.layout import Layout
 from ptflow.store.outputs import export, prepare_output_dir
 from tasks.placement import train_model
 from tasks.runner import report_metrics, report_stages, run_stage
-from tasks.stages import (
-    evaluate,
-    load_tokenizer,
-    plot_loss,
-    prepare_dataset,
-    push_to_hub,
-    write_model_card,
-)
+from tasks.stages import evaluate, load_tokenizer, plot_loss, prepare_dataset, push_to_hub, write_model_card
 from tasks.ui import show_card, show_plots, show_publish
 
 

@@ -128,13 +128,12 @@ def test_card_body_has_mixture_provenance_and_no_token(make_config, layout):
 
 @pytest.mark.parametrize("token", [None, "hf_oneToken0123456789", "hf_otherToken0123456789"])
 def test_the_token_does_not_change_the_card_key(make_config, layout, token):
-    from ptflow.publish.card import components
+    from ptflow.publish.card import STAGE
 
+    inputs = [fake(s, {}, d * 64) for s, d in (("t", "1"), ("d", "2"), ("m", "3"))]
     config = make_config(output={"hub_token": token} if token else {})
-    parts = components(config, *(fake(s, {}, d * 64) for s, d in (("t", "1"), ("d", "2"), ("m", "3"))), None, None)
-    baseline = components(make_config(), *(fake(s, {}, d * 64) for s, d in (("t", "1"), ("d", "2"), ("m", "3"))),
-                          None, None)
-    assert parts == baseline
+    assert STAGE.key_parts(config, *inputs, None, None, layout) == STAGE.key_parts(make_config(), *inputs, None, None,
+                                                                                  layout)
 
 
 def test_interleaved_mixture_and_a_held_out_eval_dataset(make_config, layout):

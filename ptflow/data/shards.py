@@ -10,7 +10,7 @@ tokenizer re-tokenizes everything, and packing settings (cutoff_len, packing, do
 re-tokenize. Each shard is written atomically, so an interrupted preparation resumes with the
 shards that were not finished.
 
-Tokenization runs in a pool of `preprocessing_num_workers` processes (default: every core), each
+Tokenization runs in a `WorkerPool` (workers.py) of `preprocessing_num_workers` processes (default: every core), each
 encoding whole shards with the Rust tokenizer (`encode_batch_fast`, no offsets) and writing
 numpy arrays; small jobs run in-process, where the Rust tokenizer itself uses every core.
 
@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 from ptflow.data.fastencode import WordEncoder
 from ptflow.data.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
+from ptflow.data.workers import WorkerPool, default_workers
 from ptflow.store.entries import (
     DigestMemo,
     build_or_reuse,
@@ -247,32 +247,22 @@ def open_doc_hashes(path: str | Path) -> np.ndarray:
     return np.load(Path(path) / "doc_hashes.npy")
 
 
-# --------------------------------------------------------------------------- worker processes
-
-_WORKER: dict = {}
+# --------------------------------------------------------------------------- in a worker process (workers.py)
 
 
-def _init_worker(root: str, encoding: Encoding) -> None:
-    _WORKER.update(layout=Layout(root), encoding=encoding, encoder=Encoder.in_worker(encoding))
+def worker_state(encoding: Encoding, root: str | None = None) -> dict:
+    """What a tokenizer worker builds once: the encoder from the serialized tokenizer, and the store when it
+    writes shards."""
+    return {"encoding": encoding, "encoder": Encoder.in_worker(encoding),
+            "layout": Layout(root) if root is not None else None}
 
 
-def _work(task: ShardTask) -> ShardResult:
-    return tokenize_shard(_WORKER["layout"], task, _WORKER["encoder"], _WORKER["encoding"])
+def tokenize_in_worker(state: dict, task: ShardTask) -> ShardResult:
+    return tokenize_shard(state["layout"], task, state["encoder"], state["encoding"])
 
 
-def worker_context():
-    """Start method for tokenizer processes: a fork server (forked from a small process that imported only this
-    module: quick to start even beside a parent holding torch and CUDA), else spawn. Never plain fork: the
-    parent is threaded (Prefect, Rust pools)."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["ptflow.data.shards"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def encode_in_worker(state: dict, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+    return encode_shard(shard, state["encoder"], state["encoding"])
 
 
 # --------------------------------------------------------------------------- the whole job
@@ -365,16 +355,14 @@ def _run_inline(layout, tasks, results, todo, limits, encoding, tokenizer, _work
 
 
 def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, workers) -> None:
-    context = worker_context()
     progress = _progress(sum(tasks[n][i].size for n, i in todo))
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(str(layout.root), encoding))
+    pool = WorkerPool(workers, worker_state, (encoding, str(layout.root)))
     futures: dict[Future, tuple[str, int]] = {}
     try:
         # max_samples sources first and in order (their later shards may be cancelled), then largest first
         order = sorted(todo, key=lambda t: (t[0] not in limits, t[1] if t[0] in limits else -tasks[t[0]][t[1]].size))
         for name, i in order:
-            futures[pool.submit(_work, tasks[name][i])] = (name, i)
+            futures[pool.submit(tokenize_in_worker, tasks[name][i])] = (name, i)
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -390,7 +378,7 @@ def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, worker
                         if n2 == name and j >= enough and other in pending and other.cancel():
                             pending.discard(other)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.close()
         progress.close()
 
 

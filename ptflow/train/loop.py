@@ -31,8 +31,8 @@ from ptflow.config.schema import ModelSection, TrainSection
 from ptflow.data.dataset import open_blocks, open_doc_starts
 from ptflow.data.packing import segments
 from ptflow.data.stream import BlockStream, Cursor, StreamPlan, is_streamed
-from ptflow.data.stream import default_workers as stream_workers
 from ptflow.data.tokenizer import open_tokenizer, resolve_model_dir
+from ptflow.data.workers import default_workers
 from ptflow.errors import CheckpointError, DataError, TrainingError
 from ptflow.store.entries import (
     Artifact,
@@ -225,7 +225,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     params = [p for p in net.parameters() if p.requires_grad]
 
     if plan is not None:  # every rank reads the whole stream and keeps its rows (packing is global)
-        stream = BlockStream(plan, tok, cursor, workers=stream_workers())
+        stream = BlockStream(plan, tok, cursor, workers=default_workers(beside_training=True))
         cursors = {start_step: stream.cursor() if cursor is None else cursor}  # data cursor after each step
     else:
         order, doc_starts = DataOrder(len(blocks), per_step, seed), open_doc_starts(dataset, "train")

@@ -159,6 +159,8 @@ def _section(data: Path, cutoff: int, workers: int):
             packing: bool = True
             doc_mask: bool = False
             preprocessing_batch_size: int = 1000
+            streaming: bool = False
+            shuffle_shards: bool = True
 
             def digest_fields(self) -> dict:
                 return dataclasses.asdict(self)

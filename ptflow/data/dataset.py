@@ -33,7 +33,7 @@ import numpy as np
 from ptflow.data.assembly import DocumentOrder, Written, count_blocks, write_blocks
 from ptflow.data.mixing import held_out
 from ptflow.data.packing import DocStarts, load_doc_starts, save_doc_starts
-from ptflow.data.shards import SourceShards, token_dtype, tokenize_sources
+from ptflow.data.shards import ShardTask, SourceShards, cached, plan_tasks, token_dtype, tokenize_sources
 from ptflow.data.sources import (
     Source,
     check_sources,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ptflow.config.schema import DataSection
 
 __all__ = ["STAGE", "Source", "check_sources", "components", "open_blocks", "open_doc_starts", "prepare_dataset",
-           "read_dataset_info", "resolve_sources", "held_out"]
+           "read_dataset_info", "resolve_sources", "held_out", "shards_to_tokenize"]
 
 log = logging.getLogger("ptflow.dataset")
 
@@ -126,6 +126,18 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
 # Bump `version` when a code change must rebuild stored datasets (different blocks); editing code does not.
 STAGE = Stage("prepare_dataset", version=2, components=components, build=prepare_dataset,
               libraries=("tokenizers", "transformers"))
+
+
+def shards_to_tokenize(section: "DataSection", tokenizer: Artifact, layout: Layout) -> list[ShardTask]:
+    """The shards prepare_dataset would tokenize (not in the token cache yet), for another executor to build with
+    `shards.tokenize_task` first (the app layer's Dask task runner); prepare_dataset then finds them cached.
+    Datasets cut by max_samples are left to prepare_dataset, which stops them after their first shards; a stream
+    tokenizes only its eval datasets here."""
+    train, evals = resolve_all(section)
+    sources = [s for s in _unique(evals if section.streaming else train + evals)
+               if section.max_samples is None or s.num_samples is not None]
+    tasks, _ = plan_tasks(sources, {s.name: plan_shards(s) for s in sources}, tokenizer.digest, layout)
+    return [task for ts in tasks.values() for task in ts if cached(layout, task) is None]
 
 
 def _check_streamable(sources: list[Source]) -> None:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import numpy as np
 
 from ptflow.data.fastencode import WordEncoder
 from ptflow.data.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
+from ptflow.data.tokenizer import open_tokenizer
 from ptflow.data.workers import WorkerPool, default_workers
 from ptflow.store.entries import (
     DigestMemo,
@@ -275,23 +277,10 @@ def tokenize_sources(sources: list[Source], plans: dict[str, list[Shard]], token
     """Cached shards of every source (tokenizing the missing ones); `doc_limits` stops a source once it has
     that many documents (max_samples), so a debug run on a huge corpus reads only its first shards."""
     code = encoder_version()
-    memo = memo or DigestMemo(layout)
-    digests = {f: memo.digest(Path(f)) for s in sources for f in {sh.file for sh in plans[s.name]}}
-    memo.save()
+    tasks, digests = plan_tasks(sources, plans, tokenizer_digest, layout, memo, code)
     encoding = encoding_for(tokenizer, batch_size)
     limits = {name: n for name, n in (doc_limits or {}).items() if n is not None}
-    tasks: dict[str, list[ShardTask]] = {}
-    for source in sources:
-        tasks[source.name] = [ShardTask(sh, stage_key(c), c, _shard_size(sh))
-                              for sh in plans[source.name]
-                              for c in [shard_components(sh, digests[sh.file], tokenizer_digest, code)]]
-    results: dict[str, list[ShardResult | None]] = {name: [None] * len(ts) for name, ts in tasks.items()}
-    for name, ts in tasks.items():
-        for i, task in enumerate(ts):
-            found, _ = lookup(layout, STAGE, task.key)
-            if found is not None:
-                results[name][i] = ShardResult(task.shard, found.path, found.stats["documents"], found.stats["tokens"],
-                                               True)
+    results = {name: [cached(layout, task) for task in ts] for name, ts in tasks.items()}
 
     todo = [(name, i) for name, ts in tasks.items() for i in _needed(results[name], limits.get(name))]
     todo_bytes = sum(tasks[n][i].size for n, i in todo)
@@ -312,6 +301,43 @@ def tokenize_sources(sources: list[Source], plans: dict[str, list[Shard]], token
                                         _explain(source, done, digests, tokenizer_digest, code, index))
     _update_index(layout, out, digests, tokenizer_digest, code)
     return out
+
+
+def plan_tasks(sources: list[Source], plans: dict[str, list[Shard]], tokenizer_digest: str, layout: Layout,
+               memo: DigestMemo | None = None, code: dict | None = None,
+               ) -> tuple[dict[str, list[ShardTask]], dict[str, str]]:
+    """(every shard of each source as a task with its cache key, the digest of each file)."""
+    code = code or encoder_version()
+    memo = memo or DigestMemo(layout)
+    digests = {f: memo.digest(Path(f)) for s in sources for f in {sh.file for sh in plans[s.name]}}
+    memo.save()
+    tasks = {source.name: [ShardTask(sh, stage_key(c), c, _shard_size(sh))
+                           for sh in plans[source.name]
+                           for c in [shard_components(sh, digests[sh.file], tokenizer_digest, code)]]
+             for source in sources}
+    return tasks, digests
+
+
+def cached(layout: Layout, task: ShardTask) -> ShardResult | None:
+    """The shard's cache entry, or None when it is not built yet."""
+    found, _ = lookup(layout, STAGE, task.key)
+    if found is None:
+        return None
+    return ShardResult(task.shard, found.path, found.stats["documents"], found.stats["tokens"], True)
+
+
+@lru_cache(maxsize=2)
+def _encoder_for(tokenizer_dir: str, batch_size: int) -> tuple[Encoder, Encoding]:
+    encoding = encoding_for(open_tokenizer(tokenizer_dir), batch_size)
+    return Encoder.in_worker(encoding), encoding
+
+
+def tokenize_task(root: str, tokenizer_dir: str, batch_size: int, task: ShardTask) -> ShardResult:
+    """Build one shard's cache entry in any process that sees the store and the data at the same paths: the plain
+    function an external executor runs per shard (flows/: a Dask cluster). The same key and the same bytes as
+    the local pool, since the tokenizer is loaded from the same artifact and encoded the same way."""
+    encoder, encoding = _encoder_for(tokenizer_dir, batch_size)
+    return tokenize_shard(Layout(root), task, encoder, encoding)
 
 
 def _shard_size(shard: Shard) -> int:

@@ -36,7 +36,9 @@ def test_shards_tokenized_on_a_dask_cluster_give_the_local_blocks(tmp_path, tiny
                           doc_mask=True, preprocessing_num_workers=1)
     local = prepare_dataset(section, tokenizer_artifact, Layout(tmp_path / "local"))
     on_dask = Layout(tmp_path / "dask")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    # the Prefect API first: its start is the slow part on a loaded machine
+    with prefect_test_harness(server_startup_timeout=180), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         address = cluster.scheduler_address
 
         @flow(name="prepare-on-dask")
@@ -44,8 +46,7 @@ def test_shards_tokenized_on_a_dask_cluster_give_the_local_blocks(tmp_path, tiny
             built = tokenize_on_dask(address, section, tokenizer_artifact, on_dask)
             return built, prepare_dataset(section, tokenizer_artifact, on_dask)
 
-        with prefect_test_harness(server_startup_timeout=60):
-            built, remote = prepare_on_dask()
+        built, remote = prepare_on_dask()
         assert len(cluster.scheduler_info["workers"]) == 2
     assert built == local.stats["shards_built"] > 2
     assert remote.stats["shards_built"] == 0 and remote.stats["shards_reused"] == built  # packing only

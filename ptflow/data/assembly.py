@@ -61,7 +61,7 @@ class DocumentOrder:
             for result in shards[source.name].shards:
                 ends = np.load(Path(result.path) / "doc_ends.npy")
                 index.append(np.full(len(ends), len(paths), dtype=np.int32))
-                begin.append(np.concatenate([[0], ends[:-1]]).astype(np.int64))
+                begin.append(np.concatenate([[0], ends[:-1]]).astype(np.int64)[: len(ends)])  # none if empty
                 size.append(np.diff(ends, prepend=0).astype(np.int64))
                 paths.append(result.path)
             shard_of.append(_cat(index, np.int32))

@@ -276,7 +276,7 @@ class BlockStream:
                 piece.tokens[piece.offset:], ends, new_doc=piece.offset == piece.first, limit=n - row)
             piece.offset += used
             parts.append(blocks)
-            if starts is not None:
+            if starts is not None and len(blocks):  # (np.split would give one empty array for no block)
                 starts.extend(np.split(block_starts, offsets[1:-1]))
             row += len(blocks)
             self.blocks_this_pass += len(blocks)

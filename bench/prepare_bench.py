@@ -3,6 +3,7 @@
     python bench/prepare_bench.py --assets /tmp/anchors                  # corpus + tokenizer from build_assets.py
     python bench/prepare_bench.py --build /tmp/prep-assets               # build them here first (stdlib, ~30 s)
     python bench/prepare_bench.py --assets /tmp/anchors --repeats 3 --json results.json
+    python bench/prepare_bench.py --rss 10e6,50e6,200e6 --scratch /tmp/prep-rss  # peak RSS per corpus size
 
 Every measurement runs in a fresh Python process, one after the other (never concurrently), in
 alternating order over --repeats rounds, so the two sides see the same machine state:
@@ -16,6 +17,12 @@ alternating order over --repeats rounds, so the two sides see the same machine s
                 text + eos_token, tokenizer(..., add_special_tokens=False), concatenate the batch,
                 cut into cutoff_len blocks (the batch's remainder is dropped), num_proc processes.
                 "lf map only" is the tokenize+pack map alone. A fresh datasets cache per run.
+
+--rss SIZES builds one tokenizer and a corpus of about each size (tokens; the stdlib repeated) under
+--scratch (default: the system temp dir) and times `ptflow` alone on each: peak RSS of the
+preparing process (VmHWM), seconds and tokens/s. Flat peak RSS across sizes is the point: memory is
+bounded by a shard, not by the corpus (each tokenizer worker holds one shard at a time).
+PTFLOW_BENCH_CODE=/other/checkout measures another version of ptflow with the same driver.
 
 The ratio is LF seconds / ptflow seconds (the same corpus in, blocks out); "vs lf (CPU)" compares
 CPU seconds of each run's whole process tree, which stays meaningful on a machine shared with
@@ -44,6 +51,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the ptflow checkout the children import: this one, or another (PTFLOW_BENCH_CODE=/path) to compare versions
+CODE = Path(os.environ.get("PTFLOW_BENCH_CODE", ROOT))
 
 
 # --------------------------------------------------------------------------- assets
@@ -51,7 +60,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_assets(work: Path, min_tokens: int) -> None:
     """Same recipe as ../shared/anchors/build_assets.py: stdlib .py files, 32K byte-level BPE, repeated."""
-    import math
+    texts, unique = build_tokenizer(work / "tokenizer")
+    write_corpus(work / "data", texts, unique, min_tokens)
+
+
+def build_tokenizer(folder: Path) -> tuple[list[str], int]:
+    """Train the 32K byte-level BPE on the stdlib's .py files; (those texts, their token count)."""
     import sysconfig
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -68,10 +82,15 @@ def build_assets(work: Path, min_tokens: int) -> None:
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    model_max_length=2048)
-    fast.save_pretrained(work / "tokenizer")
-    unique = sum(len(x) for x in fast(texts, add_special_tokens=False)["input_ids"])
+    fast.save_pretrained(folder)
+    return texts, sum(len(x) for x in fast(texts, add_special_tokens=False)["input_ids"])
+
+
+def write_corpus(data: Path, texts: list[str], unique: int, min_tokens: int) -> None:
+    """data/corpus.jsonl: `texts` repeated to at least `min_tokens` tokens, and its dataset_info.json."""
+    import math
+
     repeats = max(1, math.ceil(min_tokens / unique))
-    data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
     with open(data / "corpus.jsonl", "w", encoding="utf-8") as f:
         for _ in range(repeats):
@@ -79,7 +98,7 @@ def build_assets(work: Path, min_tokens: int) -> None:
                 f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
     (data / "dataset_info.json").write_text(json.dumps(
         {"stdlib_py": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}}, indent=2))
-    print(f"built {work}: {len(texts)} files x {repeats} = {unique * repeats:,} tokens", file=sys.stderr)
+    print(f"built {data}: {len(texts)} files x {repeats} = {unique * repeats:,} tokens", file=sys.stderr)
 
 
 def find_assets(assets: Path) -> tuple[Path, Path]:
@@ -95,7 +114,7 @@ def find_assets(assets: Path) -> tuple[Path, Path]:
 
 
 def run_ptflow(data: Path, tokenizer: Path, cutoff: int, workers: int, store: Path) -> dict:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(CODE))
     # prepare_dataset imports transformers lazily (to load the tokenizer); import it before the clock starts,
     # as run_lf does, so both sides time the work and not the imports (on the GPU image this pulls in torch:
     # about 9 s there, measured 2026-11-25).
@@ -113,6 +132,7 @@ def run_ptflow(data: Path, tokenizer: Path, cutoff: int, workers: int, store: Pa
     seconds = time.perf_counter() - started
     tokens = artifact.stats["train_tokens"]
     return {"seconds": seconds, "blocks": artifact.stats["train_blocks"], "tokens": tokens,
+            "peak_rss_mib": _peak_rss_mib(),
             "shards_built": artifact.stats["shards_built"], "shards_reused": artifact.stats["shards_reused"],
             "dropped": artifact.stats["dropped_tokens"]}
 
@@ -139,6 +159,8 @@ def _section(data: Path, cutoff: int, workers: int):
             packing: bool = True
             doc_mask: bool = False
             preprocessing_batch_size: int = 1000
+            streaming: bool = False
+            shuffle_shards: bool = True
 
             def digest_fields(self) -> dict:
                 return dataclasses.asdict(self)
@@ -190,6 +212,16 @@ def run_lf(data: Path, tokenizer_dir: Path, cutoff: int, workers: int, cache: Pa
     finished = time.perf_counter()
     return {"seconds": finished - started, "map_seconds": finished - converted, "load_seconds": loaded - started,
             "convert_seconds": converted - loaded, "blocks": len(dataset), "tokens": len(dataset) * cutoff}
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS since it started. Not ru_maxrss: Linux carries that over from the parent
+    across fork + exec, so a child of a big driver process would report the driver's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cpu() -> float:
@@ -250,6 +282,31 @@ def measure(kind: str, args) -> dict:
     return result
 
 
+def measure_rss(args) -> None:
+    """Peak RSS and tokens/s of prepare_dataset on corpora of each --rss size (one tokenizer, built once)."""
+    scratch = Path(args.scratch or tempfile.gettempdir()) / "prepare-rss"
+    scratch.mkdir(parents=True, exist_ok=True)
+    texts, unique = None, None
+    rows = [("tokens", "seconds", "Mtok/s", "CPU s", "peak RSS MiB")]
+    for size in [int(float(x)) for x in args.rss.split(",")]:
+        assets = scratch / f"{size}"
+        if not (assets / "data" / "corpus.jsonl").is_file():
+            if texts is None:
+                texts, unique = build_tokenizer(scratch / "tokenizer")
+            write_corpus(assets / "data", texts, unique, size)
+        if not (assets / "tokenizer").exists():
+            (assets / "tokenizer").symlink_to(scratch / "tokenizer")
+        args.assets = assets
+        r = measure("ptflow", args)
+        rows.append((f"{r['tokens']:,}", f"{r['seconds']:.1f}", f"{r['tokens'] / r['seconds'] / 1e6:.3f}",
+                     f"{r['cpu_seconds']:.0f}", f"{r['peak_rss_mib']:.0f}"))
+    device = f"{platform.node()}: {len(os.sched_getaffinity(0))} cores, {platform.processor() or platform.machine()}"
+    print(f"\n{time.strftime('%Y-%m-%d')}  {device}  prepare_dataset, {args.workers} workers, cutoff {args.cutoff}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", type=Path, help="folder with data/corpus.jsonl and tokenizer/ (build_assets.py)")
@@ -262,8 +319,12 @@ def main() -> None:
     parser.add_argument("--skip-lf", action="store_true", help="measure ptflow only")
     parser.add_argument("--json", type=Path, help="also write all results here")
     parser.add_argument("--scratch", type=Path, help="where stores and caches go (default: the system temp dir)")
+    parser.add_argument("--rss", metavar="SIZES", help="comma-separated corpus sizes in tokens (e.g. 10e6,50e6): "
+                        "peak RSS and tokens/s of ptflow alone on each")
     parser.add_argument("--child", choices=["ptflow", "ptflow-repack", "lf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss and not args.child:
+        return measure_rss(args)
     if args.build:
         build_assets(args.build, args.min_tokens)
         args.assets = args.assets or args.build

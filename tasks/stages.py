@@ -20,10 +20,11 @@ from ptflow.data import dataset, tokenizer
 from ptflow.publish import card, plot
 from ptflow.publish import evaluate as evaluation
 from ptflow.publish import hub as publish
-from ptflow.store.entries import Artifact
+from ptflow.store.entries import Artifact, is_cached
 from ptflow.store.layout import Layout
 from ptflow.train import loop as training
 from tasks.policy import STAGE_OPTIONS
+from tasks.tokenize import tokenize_on_dask
 
 
 @task(name="load_tokenizer", **STAGE_OPTIONS)
@@ -34,6 +35,9 @@ def load_tokenizer(section: ModelSection, layout: Layout, parts: dict | None = N
 @task(name="prepare_dataset", **STAGE_OPTIONS)
 def prepare_dataset(section: DataSection, tokenizer: Artifact, layout: Layout, seed: int,
                     parts: dict | None = None) -> Artifact:
+    parts = parts or dataset.STAGE.key_parts(section, tokenizer, layout, seed)
+    if section.dask_address and not is_cached(layout, dataset.STAGE.name, parts):
+        tokenize_on_dask(section.dask_address, section, tokenizer, layout)  # then the stage finds every shard cached
     return dataset.prepare_dataset(section, tokenizer, layout, seed, parts=parts)
 
 

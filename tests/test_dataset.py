@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -654,3 +653,17 @@ def test_truncation_and_padding_in_tokenizer_json_are_not_applied(tmp_path, tiny
     pooled = prepare_dataset(section.model_copy(update={"preprocessing_num_workers": 2}), capped,
                              Layout(tmp_path / "pool-store"))
     assert pooled.digest == inline.digest
+
+
+@pytest.mark.parametrize("extra", [{"mix_strategy": "interleave_under", "interleave_probs": [0.5, 0.5]},
+                                   {"doc_mask": True, "val_size": 0.2}, {"packing": False, "val_size": 3}])
+def test_blocks_do_not_depend_on_how_many_tokens_are_gathered_at_a_time(tiny_data_dir, tokenizer_artifact, layout,
+                                                                        small_shards, monkeypatch, extra):
+    from ptflow.data import assembly
+
+    config = data(tiny_data_dir, "stdlib_docs,three", cutoff_len=24, **extra)
+    whole = prepare_dataset(config, tokenizer_artifact, layout)
+    monkeypatch.setattr(assembly, "CHUNK_TOKENS", 7)  # a few documents per gather, blocks spanning many gathers
+    chunked = prepare_dataset(config, tokenizer_artifact, type(layout)(layout.root.parent / "chunked-store"))
+    assert chunked.stats["shards_built"] > 2
+    assert chunked.digest == whole.digest  # every file byte-identical: blocks, lengths, document starts

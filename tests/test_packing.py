@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ptflow.data.packing import (
+    BlockFile,
     DocStarts,
+    Packer,
     doc_starts,
     pack,
     segments,
@@ -56,3 +59,48 @@ def test_truncate_pads_and_counts():
     assert blocks.tolist() == [[1, 2, EOS, 0], [3, 4, 5, 6], [EOS, 0, 0, 0], [7, 8, 1, EOS]]
     assert lengths.tolist() == [3, 4, 1, 4]
     assert (dropped, padding) == (1, 4)
+
+
+def test_packer_fed_in_pieces_equals_packing_the_whole_stream():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 12, size=200)
+    ends = np.cumsum(lengths)
+    stream = rng.integers(3, 500, size=int(ends[-1])).astype(np.uint16)
+    whole, dropped = pack(stream, 16)
+    offsets, starts = doc_starts(ends, len(whole), 16)
+    packer, blocks, rows = Packer(16, np.uint16), [], []
+    cuts = np.unique(np.concatenate([[0], rng.choice(ends[:-1], 30, replace=False), [len(stream)]]))
+    for a, b in zip(cuts[:-1], cuts[1:]):  # runs of whole documents, as the stored path feeds them
+        mine = ends[(ends > a) & (ends <= b)] - a
+        got, (o, s), used = packer.feed(stream[a:b], mine)
+        assert used == b - a
+        blocks.append(got)
+        rows += [s[o[i]: o[i + 1]].tolist() for i in range(len(got))]
+    assert np.array_equal(np.concatenate(blocks), whole)
+    assert rows == [starts[offsets[i]: offsets[i + 1]].tolist() for i in range(len(whole))]
+    assert packer.drop() == dropped
+
+
+def test_packer_limit_stops_at_a_block_boundary_and_resumes_there():
+    packer = Packer(4, np.uint16)
+    blocks, (offsets, starts), used = packer.feed(STREAM, ENDS, limit=2)
+    assert blocks.tolist() == [[1, 2, EOS, 3], [4, 5, 6, EOS]] and used == 8
+    assert [starts[offsets[i]: offsets[i + 1]].tolist() for i in range(2)] == [[0, 3], [0]]
+    rest, (offsets, starts), used = packer.feed(STREAM[8:], ENDS[2:] - 8, new_doc=False)
+    assert rest.tolist() == [[EOS, 7, 8, 1]] and used == 5
+    assert starts.tolist() == [0, 1]
+    assert packer.drop() == 1
+
+
+def test_block_file_writes_what_np_save_writes(tmp_path):
+    blocks = np.arange(24, dtype=np.uint16).reshape(6, 4)
+    out = BlockFile(tmp_path / "rows.npy", 6, 4, np.dtype(np.uint16))
+    out.append(blocks[:1])
+    out.append(blocks[1:])
+    out.close()
+    np.save(tmp_path / "whole.npy", blocks)
+    assert (tmp_path / "rows.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    short = BlockFile(tmp_path / "short.npy", 6, 4, np.dtype(np.uint16))
+    short.append(blocks[:2])
+    with pytest.raises(RuntimeError, match="wrote 2 of 6 rows"):
+        short.close()

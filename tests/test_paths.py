@@ -14,7 +14,6 @@ import shutil
 import pytest
 from tiny_assets import write_dataset_info
 
-from ptflow.config.schema import validate_config
 from ptflow.errors import ConfigError, PreflightError
 from ptflow.preflight import preflight
 from ptflow.store.layout import Layout

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from ptflow.errors import StoreError
 from ptflow.store import entries as store
 from ptflow.store.entries import (
     DigestMemo,
@@ -16,7 +17,6 @@ from ptflow.store.entries import (
     files_digest,
     stage_key,
 )
-from ptflow.errors import StoreError
 from ptflow.store.layout import MANIFEST
 
 STAGE = "demo"

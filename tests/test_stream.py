@@ -350,3 +350,24 @@ def test_parquet_and_gzip_sources_stream_the_same_blocks(tmp_path, two_corpora, 
     for name in ("pq", "gz"):
         with BlockStream(plan_for(tmp_path, dataset=name), tok) as stream:
             np.testing.assert_array_equal(stream.take(len(want))[0], want, err_msg=name)
+
+
+def test_shards_shorter_than_a_block_still_give_the_packed_blocks(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(sources_module, "MIN_SHARD_BYTES", 64)  # a few short documents per shard: most blocks span
+    monkeypatch.setattr(sources_module, "MAX_SHARD_BYTES", 64)  # several shards, some shards complete no block
+    for name, n in (("a", 40), ("b", 25)):
+        lines = [json.dumps({"text": f"doc {i} of {name}: " + "word " * (i % 7)}) + "\n" for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(lines))
+    write_dataset_info(tmp_path, {"a": {"file_name": "a.jsonl"}, "b": {"file_name": "b.jsonl"}})
+    plan = plan_for(tmp_path, doc_mask=True)
+    want, want_starts = reference(documents(tmp_path, "ab", tok))
+    assert len(plan.shards) > len(want) > 11
+    with BlockStream(plan, tok) as stream:
+        got, starts = [], []
+        for n in (1, 7, 3, len(want) - 11):
+            blocks, block_starts, _ = stream.take(n)
+            assert len(blocks) == len(block_starts) == n
+            got.append(blocks)
+            starts += block_starts
+    np.testing.assert_array_equal(np.concatenate(got), want)
+    assert [s.tolist() for s in starts] == want_starts

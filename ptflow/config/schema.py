@@ -125,6 +125,11 @@ class DataSection(Section):
         1000, ge=1, description="Documents per tokenizer call. The result does not depend on it (no remainder is "
         "dropped per batch; not part of the cache key)."
     )
+    dask_address: str | None = Field(
+        None, description="A dask.distributed scheduler (e.g. tcp://10.0.0.5:8786): the token cache's missing shards "
+        "are tokenized there, one Prefect task each (needs the `dask` extra; workers see the store and data at the "
+        "same paths). Default: a local process pool. The result does not depend on it (not part of the cache key)."
+    )
 
     @field_validator("dataset", "eval_dataset", "interleave_probs", mode="before")
     @classmethod
@@ -188,7 +193,7 @@ class DataSection(Section):
     def digest_fields(self) -> dict[str, Any]:
         # How many processes tokenize, and in what batches, does not change the blocks.
         fields = self.model_dump(mode="json")
-        for name in ("preprocessing_num_workers", "preprocessing_batch_size"):
+        for name in ("preprocessing_num_workers", "preprocessing_batch_size", "dask_address"):
             fields.pop(name)
         if not self.streaming:
             fields.pop("shuffle_shards")  # only read by a stream

@@ -25,30 +25,15 @@ with a table per dataset: shards reused or built and why, documents, tokens, mea
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ptflow.data.mixing import mix, select
-from ptflow.data.packing import (
-    DocStarts,
-    doc_starts,
-    load_doc_starts,
-    pack,
-    save_doc_starts,
-    select_rows,
-    truncate,
-)
-from ptflow.data.shards import (
-    SourceShards,
-    default_workers,
-    open_doc_hashes,
-    open_shard,
-    token_dtype,
-    tokenize_sources,
-)
+from ptflow.data.assembly import DocumentOrder, Written, count_blocks, write_blocks
+from ptflow.data.mixing import held_out
+from ptflow.data.packing import DocStarts, load_doc_starts, save_doc_starts
+from ptflow.data.shards import ShardTask, SourceShards, cached, plan_tasks, token_dtype, tokenize_sources
 from ptflow.data.sources import (
     Source,
     check_sources,
@@ -58,6 +43,7 @@ from ptflow.data.sources import (
 )
 from ptflow.data.stream import StreamPlan, hold_out
 from ptflow.data.tokenizer import open_tokenizer
+from ptflow.data.workers import default_workers
 from ptflow.errors import DataError
 from ptflow.store.entries import Artifact, DigestMemo, build_or_reuse
 from ptflow.store.layout import Layout
@@ -67,7 +53,7 @@ if TYPE_CHECKING:
     from ptflow.config.schema import DataSection
 
 __all__ = ["STAGE", "Source", "check_sources", "components", "open_blocks", "open_doc_starts", "prepare_dataset",
-           "read_dataset_info", "resolve_sources", "held_out"]
+           "read_dataset_info", "resolve_sources", "held_out", "shards_to_tokenize"]
 
 log = logging.getLogger("ptflow.dataset")
 
@@ -130,29 +116,7 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
         if section.streaming:
             return _build_stream(folder, section, train_sources, eval_sources, tok, tokenizer.digest, layout, seed)
         shards = _tokenize(_unique(train_sources + eval_sources), section, tok, tokenizer.digest, layout)
-        dtype = token_dtype(len(tok))
-        train = _assemble(train_sources, shards, section, seed, dtype, section.mix_strategy, "train")
-        stats = _packing_stats(section, tok)
-        train_rows = _rows(train, section, tok.pad_token_id)
-        if not len(train_rows.blocks):
-            raise DataError(f"data.dataset: {train.total} tokens make no block of cutoff_len={section.cutoff_len}; "
-                            "add data or lower data.cutoff_len")
-        stats["sources"] = _source_stats(train, shards)
-        eval_rows = train_rows.take(np.arange(0))
-        if eval_sources or section.val_size:
-            held, eval_rows = _eval_rows(eval_sources or train_sources, shards, section, seed, dtype,
-                                         tok.pad_token_id)
-            stats["sources"].update(_source_stats(held, shards, "eval"))
-        parts = {"train": train_rows, "eval": eval_rows}
-        dropped, padding = train_rows.dropped + eval_rows.dropped, train_rows.padding + eval_rows.padding
-        for split, rows in parts.items():
-            rows.save(folder, split)
-        stats.update(train_blocks=len(parts["train"].blocks), eval_blocks=len(parts["eval"].blocks),
-                     train_tokens=int(parts["train"].tokens), eval_tokens=int(parts["eval"].tokens),
-                     dropped_tokens=int(dropped), padding_tokens=int(padding),
-                     shards_reused=sum(s.reused for s in shards.values()),
-                     shards_built=sum(s.built for s in shards.values()))
-        return stats
+        return _build_stored(folder, section, train_sources, eval_sources, shards, tok, seed)
 
     artifact = build_or_reuse(layout, STAGE.name, parts or STAGE.key_parts(section, tokenizer, layout, seed), build)
     log_summary(artifact)
@@ -162,6 +126,18 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
 # Bump `version` when a code change must rebuild stored datasets (different blocks); editing code does not.
 STAGE = Stage("prepare_dataset", version=2, components=components, build=prepare_dataset,
               libraries=("tokenizers", "transformers"))
+
+
+def shards_to_tokenize(section: "DataSection", tokenizer: Artifact, layout: Layout) -> list[ShardTask]:
+    """The shards prepare_dataset would tokenize (not in the token cache yet), for another executor to build with
+    `shards.tokenize_task` first (the app layer's Dask task runner); prepare_dataset then finds them cached.
+    Datasets cut by max_samples are left to prepare_dataset, which stops them after their first shards; a stream
+    tokenizes only its eval datasets here."""
+    train, evals = resolve_all(section)
+    sources = [s for s in _unique(evals if section.streaming else train + evals)
+               if section.max_samples is None or s.num_samples is not None]
+    tasks, _ = plan_tasks(sources, {s.name: plan_shards(s) for s in sources}, tokenizer.digest, layout)
+    return [task for ts in tasks.values() for task in ts if cached(layout, task) is None]
 
 
 def _check_streamable(sources: list[Source]) -> None:
@@ -177,25 +153,24 @@ def _build_stream(folder: Path, section: "DataSection", train_sources: list[Sour
     plan = StreamPlan.for_sources(train_sources, section, seed)
     if eval_sources:
         shards = _tokenize(eval_sources, section, tok, tokenizer_digest, layout)
-        held, eval_rows = _eval_rows(eval_sources, shards, section, seed, token_dtype(len(tok)), tok.pad_token_id)
+        held, written = _write_eval(folder, eval_sources, shards, section, seed, token_dtype(len(tok)), tok.pad_token_id)
         hold_out(plan, tok, 0)  # checks that the stream holds a training block
-        sources = _source_stats(held, shards, "eval")
+        sources, eval_blocks, eval_tokens = _source_stats(held, shards, "eval"), written.blocks, written.tokens
     else:
         blocks, starts = hold_out(plan, tok, int(section.val_size))
-        eval_rows = Rows(blocks)
+        np.save(folder / "eval.npy", blocks)
         if starts is not None:
-            eval_rows.doc_offsets = np.concatenate([[0], np.cumsum([len(s) for s in starts])]).astype(np.int64)
-            eval_rows.doc_starts = np.concatenate(starts) if starts else np.zeros(0, np.int32)
-        sources = {}
-    eval_rows.save(folder, "eval")
+            offsets = np.concatenate([[0], np.cumsum([len(s) for s in starts])]).astype(np.int64)
+            save_doc_starts(folder, "eval", offsets, np.concatenate(starts) if starts else np.zeros(0, np.int32))
+        sources, eval_blocks, eval_tokens = {}, len(blocks), int(blocks.size)
     plan.save(folder)
     for source in train_sources:
         sources[source.name] = {"files": len(source.files), "shards": sum(sh.source == source.name for sh in plan.shards),
                                 "bytes": sum(plan.files[str(f)]["size"] for f in source.files), "cache": "streamed"}
     return {"streaming": True, **_packing_stats(section, tok), "stream_shards": len(plan.shards),
             "stream_bytes": plan.total_bytes,
-            "stream_start": plan.start.to_json(), "eval_blocks": len(eval_rows.blocks),
-            "eval_tokens": int(eval_rows.tokens), "sources": sources}
+            "stream_start": plan.start.to_json(), "eval_blocks": eval_blocks, "eval_tokens": eval_tokens,
+            "sources": sources}
 
 
 def _packing_stats(section: "DataSection", tok) -> dict:
@@ -215,171 +190,58 @@ def _tokenize(sources: list[Source], section: "DataSection", tok, tokenizer_dige
                             batch_size=section.preprocessing_batch_size, doc_limits=limits)
 
 
-def _eval_rows(sources: list[Source], shards: dict[str, SourceShards], section: "DataSection", seed: int,
-               dtype: np.dtype, pad_id: int) -> tuple["Assembled", "Rows"]:
-    """The eval blocks: data.eval_dataset packed in order, or the documents val_size holds out of the training
-    mix, packed on their own; a DataError when they make none."""
-    if section.eval_dataset:
-        held = _assemble(sources, shards, section, seed, dtype, "concat")
-        fix = "add eval data or lower data.cutoff_len"
+def _build_stored(folder: Path, section: "DataSection", train_sources: list[Source], eval_sources: list[Source],
+                  shards: dict[str, SourceShards], tok, seed: int) -> dict:
+    """Pack the training documents into train.npy and the eval documents (val_size's held-out ones, or
+    eval_dataset) into eval.npy, block by block; returns the manifest stats."""
+    dtype = token_dtype(len(tok))
+    train = DocumentOrder.of(train_sources, shards, section, seed, section.mix_strategy, "train")
+    if not count_blocks(train, section):
+        raise DataError(f"data.dataset: {train.total} tokens make no block of cutoff_len={section.cutoff_len}; "
+                        "add data or lower data.cutoff_len")
+    stats = _packing_stats(section, tok)
+    stats["sources"] = _source_stats(train, shards)
+    if eval_sources or section.val_size:
+        held, evals = _write_eval(folder, eval_sources or train_sources, shards, section, seed, dtype,
+                                  tok.pad_token_id)
+        stats["sources"].update(_source_stats(held, shards, "eval"))
     else:
-        held = _assemble(sources, shards, section, seed, dtype, section.mix_strategy, "eval")
+        evals = write_blocks(DocumentOrder.empty(), section, folder, dtype, tok.pad_token_id, "eval")
+    written = write_blocks(train, section, folder, dtype, tok.pad_token_id, "train")
+    stats.update(train_blocks=written.blocks, eval_blocks=evals.blocks, train_tokens=written.tokens,
+                 eval_tokens=evals.tokens, dropped_tokens=written.dropped + evals.dropped,
+                 padding_tokens=written.padding + evals.padding,
+                 shards_reused=sum(s.reused for s in shards.values()),
+                 shards_built=sum(s.built for s in shards.values()))
+    return stats
+
+
+def _write_eval(folder: Path, sources: list[Source], shards: dict[str, SourceShards], section: "DataSection",
+                seed: int, dtype: np.dtype, pad_id: int) -> tuple[DocumentOrder, Written]:
+    """eval.npy: data.eval_dataset packed in order, or the documents val_size holds out of the training mix,
+    packed on their own; a DataError when they make no block."""
+    if section.eval_dataset:
+        held = DocumentOrder.of(sources, shards, section, seed, "concat")
+        key, fix = "data.eval_dataset", "add eval data or lower data.cutoff_len"
+    else:
+        held = DocumentOrder.of(sources, shards, section, seed, section.mix_strategy, "eval")
+        shown = int(section.val_size) if section.val_size >= 1 else section.val_size
+        key = f"data.val_size: {shown}:"
         fix = (f"{sum(n for n, _ in held.per_source.values())} documents are held out; raise data.val_size or lower "
                "data.cutoff_len")
-    rows = _rows(held, section, pad_id)
-    if not len(rows.blocks):
-        key = "data.eval_dataset" if section.eval_dataset else f"data.val_size: {int(section.val_size) if section.val_size >= 1 else section.val_size}:"
+    if not count_blocks(held, section):
         raise DataError(f"{key} {held.total} tokens make no block of cutoff_len={section.cutoff_len}; {fix}")
-    return held, rows
+    return held, write_blocks(held, section, folder, dtype, pad_id, "eval")
 
 
 def _unique(sources: list[Source]) -> list[Source]:
     return list({s.name: s for s in sources}.values())
 
 
-# --------------------------------------------------------------------------- assembly
-
-
-@dataclass
-class Assembled:
-    """The mixed documents of one split as one token stream, with per-source accounting."""
-
-    stream: np.ndarray
-    doc_ends: np.ndarray
-    per_source: dict[str, tuple[int, int]]  # name -> (documents, tokens) in the mix
-
-    @property
-    def total(self) -> int:
-        return len(self.stream)
-
-
-def _assemble(sources: list[Source], shards: dict[str, SourceShards], section: "DataSection", seed: int,
-              dtype: np.dtype, strategy: str, part: str = "all") -> Assembled:
-    """Select and mix documents by index, keep the `part` of them val_size assigns ("train", "eval" or "all"),
-    then gather their tokens into one stream."""
-    tokens, starts, lengths, selections = [], [], [], []
-    offset = 0
-    for source in sources:
-        arrays = [open_shard(r.path) for r in shards[source.name].shards]
-        ends = _chain_ends([e for _, e in arrays], [len(t) for t, _ in arrays])
-        doc_starts_ = np.concatenate([[0], ends[:-1]]).astype(np.int64)[: len(ends)]
-        tokens.append(np.concatenate([t for t, _ in arrays]) if arrays else np.zeros(0, dtype))
-        starts.append(doc_starts_ + offset)
-        lengths.append(ends - doc_starts_)
-        selections.append(select(len(ends), source.name, source.num_samples, section.max_samples, seed))
-        offset += len(tokens[-1])
-    strategy = strategy if len(sources) > 1 else "concat"
-    identity = strategy == "concat" and all(
-        len(sel) == len(ln) and (sel == np.arange(len(ln))).all() for sel, ln in zip(selections, lengths))
-    source_of, doc = mix(selections, strategy, section.interleave_probs if strategy != "concat" else None, seed)
-    if section.val_size and part != "all":
-        held = held_out(_doc_hashes(sources, shards, source_of, doc), section.val_size)
-        keep = held if part == "eval" else ~held
-        source_of, doc, identity = source_of[keep], doc[keep], identity and bool(keep.all())
-    per_source = {}
-    for s, source in enumerate(sources):
-        mine = lengths[s][doc[source_of == s]]
-        per_source[source.name] = (len(mine), int(mine.sum()))
-    if identity:  # the common case: everything in order, no gather needed
-        stream = np.concatenate(tokens).astype(dtype, copy=False)
-        ends = np.cumsum(np.concatenate(lengths))
-        return Assembled(stream, ends, per_source)
-    global_starts = np.concatenate(starts)
-    global_lengths = np.concatenate(lengths)
-    base = np.concatenate([[0], np.cumsum([len(ln) for ln in lengths])[:-1]]).astype(np.int64)
-    ids = base[source_of] + doc
-    doc_len = global_lengths[ids]
-    ends = np.cumsum(doc_len)
-    everything = np.concatenate(tokens)
-    gather = np.repeat(global_starts[ids] - (ends - doc_len), doc_len) + np.arange(int(ends[-1]) if len(ends) else 0)
-    return Assembled(everything[gather].astype(dtype, copy=False), ends, per_source)
-
-
-def _chain_ends(ends: list[np.ndarray], sizes: list[int]) -> np.ndarray:
-    """Doc ends of consecutive shards as ends in their concatenation."""
-    if not ends:
-        return np.zeros(0, dtype=np.int64)
-    shift = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    return np.concatenate([e + s for e, s in zip(ends, shift)]).astype(np.int64)
-
-
-@dataclass
-class Rows:
-    """Blocks of one split, with per-block lengths (packing: false) or document starts (doc_mask)."""
-
-    blocks: np.ndarray
-    lengths: np.ndarray | None = None
-    doc_offsets: np.ndarray | None = None
-    doc_starts: np.ndarray | None = None
-    dropped: int = 0
-    padding: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return int(self.blocks.size if self.lengths is None else self.lengths.sum())
-
-    def take(self, index: np.ndarray) -> "Rows":
-        if len(index) == len(self.blocks) and (index == np.arange(len(self.blocks))).all():
-            return self
-        offsets, starts = (select_rows(self.doc_offsets, self.doc_starts, index) if self.doc_offsets is not None
-                           else (None, None))
-        return Rows(self.blocks[index], None if self.lengths is None else self.lengths[index], offsets, starts)
-
-    def save(self, folder: Path, split: str) -> None:
-        np.save(folder / f"{split}.npy", np.ascontiguousarray(self.blocks))
-        if self.lengths is not None:
-            np.save(folder / f"{split}_lengths.npy", self.lengths)
-        if self.doc_offsets is not None:
-            save_doc_starts(folder, split, self.doc_offsets, self.doc_starts)
-
-
-def _rows(assembled: Assembled, section: "DataSection", pad_id: int) -> Rows:
-    if not section.packing:
-        blocks, lengths, dropped, padding = truncate(assembled.stream, assembled.doc_ends, section.cutoff_len, pad_id)
-        return Rows(blocks, lengths, dropped=dropped, padding=padding)
-    blocks, dropped = pack(assembled.stream, section.cutoff_len)
-    rows = Rows(blocks, dropped=dropped)
-    if section.doc_mask:
-        rows.doc_offsets, rows.doc_starts = doc_starts(assembled.doc_ends, len(blocks), section.cutoff_len)
-    return rows
-
-
-def held_out(hashes: np.ndarray, val_size: float) -> np.ndarray:
-    """Which documents `val_size` holds out, by the content hash of each (before packing, as LLaMA-Factory splits).
-
-    A fraction f holds out every document whose hash is below f * 2^64: about f of them, and always the same ones,
-    so when the corpus grows no earlier eval document is ever trained on. A count N holds out the N distinct
-    documents of smallest hash; a grown corpus's N smallest are then a subset of the earlier eval documents plus
-    new ones, which keeps the same guarantee. Copies of a held-out document are held out with it.
-    """
-    shown = int(val_size) if val_size >= 1 else val_size
-    if val_size < 1:
-        held = hashes < np.uint64(min(int(val_size * 2**64), 2**64 - 1))
-    else:
-        distinct = np.unique(hashes)
-        if int(val_size) >= len(distinct):
-            raise DataError(f"data.val_size: {shown} asks for {int(val_size)} of {len(distinct)} distinct "
-                            "documents, leaving none to train on; lower val_size or add data")
-        held = hashes <= distinct[int(val_size) - 1]
-    if held.all():
-        raise DataError(f"data.val_size: {shown} holds out all {len(hashes)} documents, leaving none to train "
-                        "on; lower val_size or add data")
-    return held
-
-
-def _doc_hashes(sources: list[Source], shards: dict[str, SourceShards], source_of: np.ndarray,
-                doc: np.ndarray) -> np.ndarray:
-    """The content hash of every document of a mix, in mix order."""
-    per_source = [np.concatenate([open_doc_hashes(r.path) for r in shards[s.name].shards] or [np.zeros(0, np.uint64)])
-                  for s in sources]
-    base = np.concatenate([[0], np.cumsum([len(h) for h in per_source])[:-1]]).astype(np.int64)
-    return np.concatenate(per_source)[base[source_of] + doc]
-
-
 # --------------------------------------------------------------------------- stats and reading
 
 
-def _source_stats(assembled: Assembled, shards: dict[str, SourceShards], split: str = "train") -> dict:
+def _source_stats(assembled: DocumentOrder, shards: dict[str, SourceShards], split: str = "train") -> dict:
     out = {}
     for name, (documents, tokens) in assembled.per_source.items():
         s = shards[name]

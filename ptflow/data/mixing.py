@@ -11,6 +11,7 @@ Selection works on document indices only (the tokens stay in the cache), so it i
   bit-identical to `datasets` for the same seed).
 
     order = mix([np.arange(3), np.arange(5)], "interleave_under", None, seed=42)   # (source, document) pairs
+    eval_docs = held_out(hashes, val_size=0.05)   # val_size: which documents are held out, by content hash
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+
+from ptflow.errors import DataError
 
 
 def select(n_docs: int, name: str, num_samples: int | None, max_samples: int | None, seed: int) -> np.ndarray:
@@ -77,3 +80,26 @@ def interleave(lengths: np.ndarray, probabilities: list[float] | None, seed: int
         at = np.flatnonzero(source == s)
         position[at] = np.arange(len(at)) % max(lengths[s], 1)
     return source, position
+
+
+def held_out(hashes: np.ndarray, val_size: float) -> np.ndarray:
+    """Which documents `val_size` holds out, by the content hash of each (before packing, as LLaMA-Factory splits).
+
+    A fraction f holds out every document whose hash is below f * 2^64: about f of them, and always the same ones,
+    so when the corpus grows no earlier eval document is ever trained on. A count N holds out the N distinct
+    documents of smallest hash; a grown corpus's N smallest are then a subset of the earlier eval documents plus
+    new ones, which keeps the same guarantee. Copies of a held-out document are held out with it.
+    """
+    shown = int(val_size) if val_size >= 1 else val_size
+    if val_size < 1:
+        held = hashes < np.uint64(min(int(val_size * 2**64), 2**64 - 1))
+    else:
+        distinct = np.unique(hashes)
+        if int(val_size) >= len(distinct):
+            raise DataError(f"data.val_size: {shown} asks for {int(val_size)} of {len(distinct)} distinct "
+                            "documents, leaving none to train on; lower val_size or add data")
+        held = hashes <= distinct[int(val_size) - 1]
+    if held.all():
+        raise DataError(f"data.val_size: {shown} holds out all {len(hashes)} documents, leaving none to train "
+                        "on; lower val_size or add data")
+    return held

@@ -10,7 +10,7 @@ tokenizer re-tokenizes everything, and packing settings (cutoff_len, packing, do
 re-tokenize. Each shard is written atomically, so an interrupted preparation resumes with the
 shards that were not finished.
 
-Tokenization runs in a pool of `preprocessing_num_workers` processes (default: every core), each
+Tokenization runs in a `WorkerPool` (workers.py) of `preprocessing_num_workers` processes (default: every core), each
 encoding whole shards with the Rust tokenizer (`encode_batch_fast`, no offsets) and writing
 numpy arrays; small jobs run in-process, where the Rust tokenizer itself uses every core.
 
@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
@@ -35,6 +35,8 @@ import numpy as np
 
 from ptflow.data.fastencode import WordEncoder
 from ptflow.data.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
+from ptflow.data.tokenizer import open_tokenizer
+from ptflow.data.workers import WorkerPool, default_workers
 from ptflow.store.entries import (
     DigestMemo,
     build_or_reuse,
@@ -248,32 +250,22 @@ def open_doc_hashes(path: str | Path) -> np.ndarray:
     return np.load(Path(path) / "doc_hashes.npy")
 
 
-# --------------------------------------------------------------------------- worker processes
-
-_WORKER: dict = {}
+# --------------------------------------------------------------------------- in a worker process (workers.py)
 
 
-def _init_worker(root: str, encoding: Encoding) -> None:
-    _WORKER.update(layout=Layout(root), encoding=encoding, encoder=Encoder.in_worker(encoding))
+def worker_state(encoding: Encoding, root: str | None = None) -> dict:
+    """What a tokenizer worker builds once: the encoder from the serialized tokenizer, and the store when it
+    writes shards."""
+    return {"encoding": encoding, "encoder": Encoder.in_worker(encoding),
+            "layout": Layout(root) if root is not None else None}
 
 
-def _work(task: ShardTask) -> ShardResult:
-    return tokenize_shard(_WORKER["layout"], task, _WORKER["encoder"], _WORKER["encoding"])
+def tokenize_in_worker(state: dict, task: ShardTask) -> ShardResult:
+    return tokenize_shard(state["layout"], task, state["encoder"], state["encoding"])
 
 
-def worker_context():
-    """Start method for tokenizer processes: a fork server (forked from a small process that imported only this
-    module: quick to start even beside a parent holding torch and CUDA), else spawn. Never plain fork: the
-    parent is threaded (Prefect, Rust pools)."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["ptflow.data.shards"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def encode_in_worker(state: dict, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+    return encode_shard(shard, state["encoder"], state["encoding"])
 
 
 # --------------------------------------------------------------------------- the whole job
@@ -286,23 +278,10 @@ def tokenize_sources(sources: list[Source], plans: dict[str, list[Shard]], token
     """Cached shards of every source (tokenizing the missing ones); `doc_limits` stops a source once it has
     that many documents (max_samples), so a debug run on a huge corpus reads only its first shards."""
     code = encoder_version()
-    memo = memo or DigestMemo(layout)
-    digests = {f: memo.digest(Path(f)) for s in sources for f in {sh.file for sh in plans[s.name]}}
-    memo.save()
+    tasks, digests = plan_tasks(sources, plans, tokenizer_digest, layout, memo, code)
     encoding = encoding_for(tokenizer, batch_size)
     limits = {name: n for name, n in (doc_limits or {}).items() if n is not None}
-    tasks: dict[str, list[ShardTask]] = {}
-    for source in sources:
-        tasks[source.name] = [ShardTask(sh, stage_key(c), c, _shard_size(sh))
-                              for sh in plans[source.name]
-                              for c in [shard_components(sh, digests[sh.file], tokenizer_digest, code)]]
-    results: dict[str, list[ShardResult | None]] = {name: [None] * len(ts) for name, ts in tasks.items()}
-    for name, ts in tasks.items():
-        for i, task in enumerate(ts):
-            found, _ = lookup(layout, STAGE, task.key)
-            if found is not None:
-                results[name][i] = ShardResult(task.shard, found.path, found.stats["documents"], found.stats["tokens"],
-                                               True)
+    results = {name: [cached(layout, task) for task in ts] for name, ts in tasks.items()}
 
     todo = [(name, i) for name, ts in tasks.items() for i in _needed(results[name], limits.get(name))]
     todo_bytes = sum(tasks[n][i].size for n, i in todo)
@@ -323,6 +302,43 @@ def tokenize_sources(sources: list[Source], plans: dict[str, list[Shard]], token
                                         _explain(source, done, digests, tokenizer_digest, code, index))
     _update_index(layout, out, digests, tokenizer_digest, code)
     return out
+
+
+def plan_tasks(sources: list[Source], plans: dict[str, list[Shard]], tokenizer_digest: str, layout: Layout,
+               memo: DigestMemo | None = None, code: dict | None = None,
+               ) -> tuple[dict[str, list[ShardTask]], dict[str, str]]:
+    """(every shard of each source as a task with its cache key, the digest of each file)."""
+    code = code or encoder_version()
+    memo = memo or DigestMemo(layout)
+    digests = {f: memo.digest(Path(f)) for s in sources for f in {sh.file for sh in plans[s.name]}}
+    memo.save()
+    tasks = {source.name: [ShardTask(sh, stage_key(c), c, _shard_size(sh))
+                           for sh in plans[source.name]
+                           for c in [shard_components(sh, digests[sh.file], tokenizer_digest, code)]]
+             for source in sources}
+    return tasks, digests
+
+
+def cached(layout: Layout, task: ShardTask) -> ShardResult | None:
+    """The shard's cache entry, or None when it is not built yet."""
+    found, _ = lookup(layout, STAGE, task.key)
+    if found is None:
+        return None
+    return ShardResult(task.shard, found.path, found.stats["documents"], found.stats["tokens"], True)
+
+
+@lru_cache(maxsize=2)
+def _encoder_for(tokenizer_dir: str, batch_size: int) -> tuple[Encoder, Encoding]:
+    encoding = encoding_for(open_tokenizer(tokenizer_dir), batch_size)
+    return Encoder.in_worker(encoding), encoding
+
+
+def tokenize_task(root: str, tokenizer_dir: str, batch_size: int, task: ShardTask) -> ShardResult:
+    """Build one shard's cache entry in any process that sees the store and the data at the same paths: the plain
+    function an external executor runs per shard (flows/: a Dask cluster). The same key and the same bytes as
+    the local pool, since the tokenizer is loaded from the same artifact and encoded the same way."""
+    encoder, encoding = _encoder_for(tokenizer_dir, batch_size)
+    return tokenize_shard(Layout(root), task, encoder, encoding)
 
 
 def _shard_size(shard: Shard) -> int:
@@ -366,16 +382,14 @@ def _run_inline(layout, tasks, results, todo, limits, encoding, tokenizer, _work
 
 
 def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, workers) -> None:
-    context = worker_context()
     progress = _progress(sum(tasks[n][i].size for n, i in todo))
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(str(layout.root), encoding))
+    pool = WorkerPool(workers, worker_state, (encoding, str(layout.root)))
     futures: dict[Future, tuple[str, int]] = {}
     try:
         # max_samples sources first and in order (their later shards may be cancelled), then largest first
         order = sorted(todo, key=lambda t: (t[0] not in limits, t[1] if t[0] in limits else -tasks[t[0]][t[1]].size))
         for name, i in order:
-            futures[pool.submit(_work, tasks[name][i])] = (name, i)
+            futures[pool.submit(tokenize_in_worker, tasks[name][i])] = (name, i)
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -391,7 +405,7 @@ def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, worker
                         if n2 == name and j >= enough and other in pending and other.cancel():
                             pending.discard(other)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.close()
         progress.close()
 
 

@@ -24,21 +24,16 @@ import json
 import logging
 import os
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from ptflow.data.shards import (
-    Encoder,
-    Encoding,
-    encode_shard,
-    encoding_for,
-    worker_context,
-)
-from ptflow.data.shards import default_workers as all_cores
+from ptflow.data.packing import Packer
+from ptflow.data.shards import Encoder, encode_in_worker, encode_shard, encoding_for, worker_state
 from ptflow.data.sources import Shard, Source, plan_shards
+from ptflow.data.workers import WorkerPool
 from ptflow.errors import DataError
 
 log = logging.getLogger("ptflow.stream")
@@ -137,25 +132,6 @@ def is_streamed(folder: str | Path) -> bool:
     return (Path(folder) / PLAN_FILE).exists()
 
 
-def default_workers() -> int:
-    """Tokenizer processes beside a training process: a few cores, none on a small machine."""
-    cores = all_cores()
-    return min(4, cores // 2) if cores > 2 else 0
-
-
-# --------------------------------------------------------------------------- tokenizing shards
-
-_WORKER: dict = {}
-
-
-def _init_worker(encoding: Encoding) -> None:
-    _WORKER.update(encoding=encoding, encoder=Encoder.in_worker(encoding))
-
-
-def _encode_in_worker(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
-    return encode_shard(shard, _WORKER["encoder"], _WORKER["encoding"])
-
-
 @dataclass
 class _Piece:
     """Tokens of one shard, `offset` of them consumed."""
@@ -186,8 +162,8 @@ class BlockStream:
         self.encoder = Encoder.of(tokenizer)
         self.pool = None
         if workers > 0 and self.encoding.tokenizer_json is not None:
-            self.pool = ProcessPoolExecutor(workers, mp_context=worker_context(),
-                                            initializer=_init_worker, initargs=(self.encoding,))
+            self.pool = WorkerPool(workers, worker_state, (self.encoding,))
+        self.packer = Packer(plan.cutoff_len, self.encoding.dtype)
         self.lookahead = lookahead or max(2, 2 * workers)
         self.pending: deque[tuple[int, int, Future | None]] = deque()  # (pass, shard index, tokens when pooled)
         self.orders: dict[int, list[int]] = {}
@@ -207,7 +183,7 @@ class BlockStream:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.close(wait=False)
             self.pool = None
 
     def __enter__(self) -> "BlockStream":
@@ -237,7 +213,7 @@ class BlockStream:
                 self.next_epoch, self.next_pos = epoch + 1, 0
             if epoch == self.epoch and self.entry is None and self._full(shard.source):
                 continue  # holds no wanted document
-            future = self.pool.submit(_encode_in_worker, shard) if self.pool is not None else None
+            future = self.pool.submit(encode_in_worker, shard) if self.pool is not None else None
             self.pending.append((epoch, index, future))
 
     def _next_piece(self) -> _Piece | None:
@@ -277,6 +253,7 @@ class BlockStream:
                             f"{self.plan.cutoff_len} tokens; add data or lower data.cutoff_len")
         log.info("stream: pass %d over the data ended after %d blocks (final partial block dropped); starting pass %d",
                  self.epoch + 1, self.blocks_this_pass, self.epoch + 2)
+        self.packer.drop()
         self.epoch += 1
         self.blocks_this_pass = 0
         self.docs_seen = {}
@@ -285,34 +262,25 @@ class BlockStream:
 
     def take(self, n: int) -> tuple[np.ndarray, list[np.ndarray] | None, Cursor]:
         """The next `n` blocks (n, cutoff_len), their document starts (doc_mask) and the cursor after them."""
-        length = self.plan.cutoff_len
-        blocks = np.empty((n, length), dtype=np.dtype(self.encoding.dtype))
-        starts: list[np.ndarray] | None = [] if self.plan.doc_mask else None
+        parts, starts = [], [] if self.plan.doc_mask else None
         row = 0
         while row < n:
-            filled, block_starts = 0, [0]
-            while filled < length:
-                if self.piece is None or self.piece.left == 0:
-                    self.piece = self._next_piece()
-                    if self.piece is None:
-                        self._end_pass()
-                        break
-                piece = self.piece
-                take = min(length - filled, piece.left)
-                blocks[row, filled: filled + take] = piece.tokens[piece.offset: piece.offset + take]
-                if starts is not None:
-                    ends = piece.ends[(piece.ends > piece.offset) & (piece.ends < piece.offset + take)]
-                    block_starts.extend((ends - piece.offset + filled).tolist())
-                    if filled and piece.offset == piece.first:
-                        block_starts.append(filled)  # another shard: another document
-                piece.offset += take
-                filled += take
-            if filled < length:
-                continue  # the pass ended inside this block: it is dropped, the row refilled from the next pass
-            self.blocks_this_pass += 1
-            if starts is not None:
-                starts.append(np.unique(np.asarray(block_starts, dtype=np.int32)))
-            row += 1
+            if self.piece is None or self.piece.left == 0:
+                self.piece = self._next_piece()
+                if self.piece is None:  # the pass ended inside a block: it is dropped, the row refilled next pass
+                    self._end_pass()
+                    continue
+            piece = self.piece
+            ends = piece.ends[piece.ends > piece.offset] - piece.offset
+            blocks, (offsets, block_starts), used = self.packer.feed(
+                piece.tokens[piece.offset:], ends, new_doc=piece.offset == piece.first, limit=n - row)
+            piece.offset += used
+            parts.append(blocks)
+            if starts is not None and len(blocks):  # (np.split would give one empty array for no block)
+                starts.extend(np.split(block_starts, offsets[1:-1]))
+            row += len(blocks)
+            self.blocks_this_pass += len(blocks)
+        blocks = np.concatenate(parts) if parts else np.empty((0, self.plan.cutoff_len), np.dtype(self.encoding.dtype))
         return blocks, starts, self.cursor()
 
     def cursor(self) -> Cursor:

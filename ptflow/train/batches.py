@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ptflow.data.stream import BlockStream, Cursor, StreamPlan
-from ptflow.data.stream import default_workers as stream_workers
+from ptflow.data.workers import default_workers
 from ptflow.train.eval_loss import batch_tensors, document_positions
 
 
@@ -124,7 +124,7 @@ class StreamedBatches:
     def __init__(self, plan: StreamPlan, tokenizer, cursor: Cursor | None, start_step: int, per_step: int,
                  cut: Slicing):
         self.plan, self.per_step, self.cut, self.padded = plan, per_step, cut, False
-        self.stream = BlockStream(plan, tokenizer, cursor, workers=stream_workers())
+        self.stream = BlockStream(plan, tokenizer, cursor, workers=default_workers(beside_training=True))
         self.cursors = {start_step: self.stream.cursor() if cursor is None else cursor}  # cursor after each step
 
     def take(self, step: int) -> StepBatch:

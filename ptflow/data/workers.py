@@ -1,0 +1,65 @@
+"""The tokenizer worker pool: one kind of process pool, and one rule for how many workers, for every tokenizing job.
+
+The token cache (shards.py, preparing a dataset) and the stream (stream.py, beside training) both
+start a `WorkerPool`; each worker builds its state once (`setup(*args)`: the tokenizer from its
+serialized JSON, the store layout) and then runs module-level functions `fn(state, item)` on it.
+
+    pool = WorkerPool(default_workers(), worker_state, (encoding, str(layout.root)))
+    future = pool.submit(tokenize_in_worker, task)
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+
+_STATE: dict = {}
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(beside_training: bool = False) -> int:
+    """Tokenizer processes: every available core to prepare a dataset; beside a training process (streaming) a few,
+    min(4, cores / 2), and none on a machine of 2 cores or fewer (the trainer needs them)."""
+    cores = available_cores()
+    if not beside_training:
+        return cores
+    return min(4, cores // 2) if cores > 2 else 0
+
+
+def worker_context():
+    """Start method for tokenizer processes: a fork server (forked from a small process that imported only the
+    shard module: quick to start even beside a parent holding torch and CUDA), else spawn. Never plain fork: the
+    parent is threaded (Prefect, Rust pools)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["ptflow.data.shards"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _init(setup: Callable[..., dict], args: tuple) -> None:
+    _STATE.update(setup(*args))
+
+
+def _call(fn: Callable[[dict, object], object], item: object) -> object:
+    return fn(_STATE, item)
+
+
+class WorkerPool:
+    """`workers` processes that each run `setup(*args)` once, then `fn(state, item)` per submitted item."""
+
+    def __init__(self, workers: int, setup: Callable[..., dict], args: tuple):
+        self.executor = ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_init,
+                                            initargs=(setup, args))
+
+    def submit(self, fn: Callable[[dict, object], object], item: object) -> Future:
+        return self.executor.submit(_call, fn, item)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers; queued items are cancelled."""
+        self.executor.shutdown(wait=wait, cancel_futures=True)

@@ -47,7 +47,8 @@ def pretrain(config_path: str, overrides: list[str] | None = None) -> dict:
         model = existing_model(cfg.model, layout)
     evaluation = None
     if cfg.eval.do_eval and dataset.stats["eval_blocks"]:
-        evaluation = run_stage(evaluate, cfg.eval, model, dataset, layout=layout, redo=redo)
+        evaluation = run_stage(evaluate, cfg.eval, model, dataset, layout=layout, redo=redo,
+                                use_cpu=cfg.train.use_cpu)
         export(evaluation, output_dir)
     plots = card = None
     run_label = f"{flow_run.get_flow_name()}/{flow_run.get_name()} ({flow_run.get_id()})"

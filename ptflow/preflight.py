@@ -18,6 +18,7 @@ from pathlib import Path
 from ptflow.config.schema import RunConfig
 from ptflow.data.dataset import check_sources, resolve_all
 from ptflow.data.tokenizer import (
+    fix_special_tokens,
     open_tokenizer,
     resolve_model_dir,
     tokenizer_source_files,
@@ -146,15 +147,20 @@ def _outside_inputs(config: RunConfig, model_dir: Path | None, layout: Layout, o
 
 
 def _vocab_fits(config: RunConfig, model_dir: Path, model_config: dict) -> list[str]:
-    """Every token id the tokenizer can emit must have an embedding row (or resize_vocab must be on)."""
+    """Every token id the tokenizer can emit must have an embedding row (or resize_vocab must be on).
 
-    vocab = model_config.get("vocab_size")
+    Counted after the EOS/pad fix `load_tokenizer` applies: a tokenizer without an EOS gets one more token there,
+    which the model must also fit (training would otherwise stop at model load, after tokenization)."""
+    vocab = model_config.get("vocab_size") or (model_config.get("text_config") or {}).get("vocab_size")
     try:
-        tokens = len(open_tokenizer(model_dir, config.model.use_fast_tokenizer, config.model.trust_remote_code))
+        tokenizer = open_tokenizer(model_dir, config.model.use_fast_tokenizer, config.model.trust_remote_code)
     except PtflowError as exc:
         return [str(exc)]
+    fixes = fix_special_tokens(tokenizer)
+    tokens = len(tokenizer)
     if isinstance(vocab, int) and tokens > vocab and not config.model.resize_vocab:
-        return [f"model.model_name_or_path: the tokenizer in {model_dir} has {tokens} tokens but config.json's "
+        after = f" after load_tokenizer {' and '.join(fixes)}" if fixes else ""
+        return [f"model.model_name_or_path: the tokenizer in {model_dir} has {tokens} tokens{after} but config.json's "
                 f"vocab_size is {vocab}; set model.resize_vocab: true or use the model's own tokenizer"]
     return []
 

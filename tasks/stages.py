@@ -65,9 +65,9 @@ def progress_line(record: dict) -> str:
 
 
 @task(name="evaluate", **STAGE_OPTIONS)
-def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout,
+def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout, use_cpu: bool = False,
              parts: dict | None = None) -> Artifact:
-    return evaluation.evaluate(section, model, dataset, layout, parts=parts)
+    return evaluation.evaluate(section, model, dataset, layout, use_cpu, parts=parts)
 
 
 @task(name="plot_loss", **STAGE_OPTIONS)

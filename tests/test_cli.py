@@ -76,3 +76,27 @@ def test_prefect_home_on_a_full_disk_is_one_clear_error(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith(f"ptflow: error: PREFECT_HOME {home}: the disk is full (0 MiB free; Prefect's database "
                           "needs at least 64 MiB)") and "Traceback" not in err
+
+
+def _model_without_eos(folder: Path) -> Path:
+    """The quickstart model folder (4096-token vocab) whose tokenizer has no EOS: load_tokenizer adds one."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(ROOT / "configs/quickstart/model", folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_validate_counts_the_eos_token_load_tokenizer_adds(tmp_path):
+    model = _model_without_eos(tmp_path / "model")
+    args = ("validate", "configs/quickstart.yaml", f"model.model_name_or_path={model}", f"store={tmp_path}/store",
+            f"output.output_dir={tmp_path}/out")
+    result = ptflow(*args)
+    assert result.returncode == 2, result.stdout
+    assert (f"the tokenizer in {model} has 4097 tokens after load_tokenizer added eos_token <|endoftext|> but "
+            "config.json's vocab_size is 4096; set model.resize_vocab: true") in result.stderr
+    assert ptflow(*args, "model.resize_vocab=true").returncode == 0

@@ -63,6 +63,15 @@ def png_size(path) -> tuple[int, int]:
 # evaluate
 
 
+def test_evaluate_with_use_cpu_runs_on_the_cpu_of_a_gpu_host(trained, dataset, evaluation, layout, monkeypatch):
+    """train.use_cpu reaches the evaluate stage: on a (simulated) GPU host it evaluates on the CPU, same numbers."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a model moved to "cuda" here would fail
+    result = evaluate(EvalSection(per_device_eval_batch_size=4), trained, dataset, layout, use_cpu=True)
+    assert result.stats["device"] == "cpu"
+    assert result.stats["eval_loss"] == pytest.approx(evaluation.stats["eval_loss"], rel=1e-5)
+    assert result.key == evaluation.key  # where it runs is not part of the key
+
+
 def test_evaluate_reports_finite_token_weighted_loss(trained, dataset, layout):
     one = evaluate(EvalSection(per_device_eval_batch_size=1), trained, dataset, layout)
     seven = evaluate(EvalSection(per_device_eval_batch_size=7), trained, dataset, layout)

@@ -439,6 +439,21 @@ def test_cli_convert_lf(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
     assert "-o names the LLaMA-Factory file itself" in capsys.readouterr().err
 
 
+def test_use_cpu_and_no_cuda_pick_the_cpu_and_convert_lf_says_what_bf16_means(tmp_path, tiny_model_dir,
+                                                                            tiny_data_dir, capsys):
+    from flows.cli import main
+
+    for key in ("use_cpu", "no_cuda"):
+        path = write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, **{key: True}), f"{key}.yaml")
+        assert load_config(path).train.use_cpu is True, key
+    path = write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, use_cpu=True, bf16=True))
+    assert main(["convert-lf", str(path)]) == 0
+    printed = capsys.readouterr()
+    assert "  use_cpu: true" in printed.out.splitlines()
+    assert "  differs  bf16 (line" in printed.err and "PyTorch's CPU bf16 autocast" in printed.err
+    assert "  differs  use_cpu (line" in printed.err
+
+
 # -- end to end on tiny data ----------------------------------------------------------------------------------------
 
 def run_stages(cfg, layout) -> Path:

@@ -135,6 +135,8 @@ RULES: dict[str, Rule] = {
         to=("train.gradient_checkpointing",), apply=_disable_gc),
     "use_liger_kernel": Rule("mapped", "training", "transformers' name for LLaMA-Factory's enable_liger_kernel",
                              quiet=(False,), to=("train.enable_liger_kernel",), apply=_to("train.enable_liger_kernel")),
+    "no_cuda": Rule("mapped", "training", "transformers' deprecated name for use_cpu", quiet=(False,),
+                    to=("train.use_cpu",), apply=_to("train.use_cpu")),
     "hf_hub_token": Rule("mapped", "model", "the Hub token (HF_TOKEN in the environment wins; never echoed)",
                          example="hf_x", to=("output.hub_token",), apply=_to("output.hub_token")),
     "eval_strategy": Rule("mapped", "training", "steps -> evaluate every eval_steps (default logging_steps, as "
@@ -262,8 +264,6 @@ RULES: dict[str, Rule] = {
                length_column_name="length", label_names=None),
     **_ignored("training", "the data order comes from seed (resume seeks it in O(1), no batches are skipped)",
                data_seed=None, ignore_data_skip=False, full_determinism=False),
-    **_ignored("training", "the device is chosen automatically (every visible GPU, else CPU); "
-               "CUDA_VISIBLE_DEVICES selects GPUs", use_cpu=False, no_cuda=False),
     **_ignored("training", "precision is train.bf16 / train.pure_bf16 (evaluation follows it); TF32 stays at PyTorch's "
                "default",
                tf32=None, bf16_full_eval=False, fp16_full_eval=False, half_precision_backend="auto"),
@@ -321,7 +321,7 @@ SAME_NAMES: dict[str, tuple[str, ...]] = {
                  "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
                  "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps",
                  "lr_scheduler_type", "warmup_ratio", "warmup_steps", "logging_steps", "save_steps", "save_total_limit",
-                 "eval_steps", "bf16", "torch_compile", "gradient_checkpointing", "resume_from_checkpoint",
+                 "eval_steps", "use_cpu", "bf16", "torch_compile", "gradient_checkpointing", "resume_from_checkpoint",
                  "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"),
 }
 """LLaMA-Factory keys ptflow's schema has by the same name (routed dynamically; listed for the docs)."""
@@ -375,6 +375,13 @@ DIFFERENCES: dict[str, str] = {
     "push_to_hub": "one commit after the run with the output folder but no checkpoints (transformers pushes at every "
                    "save)",
     "hub_token": "HF_TOKEN in the environment wins over it; never echoed or saved",
+    "use_cpu": "trains and evaluates on the CPU even on a GPU host, in one process, as in transformers; it is not part "
+               "of the cache key (where a stage runs never is), so a model already trained on a GPU for the same "
+               "config is reused, not retrained on the CPU",
+    "bf16": "refused on a CUDA GPU without native bf16 (before Ampere), as transformers refuses it; on the CPU it "
+            "is PyTorch's CPU bf16 autocast with fp32 master weights (slow without AMX/AVX512-BF16), also without "
+            "use_cpu on a machine with no GPU, where transformers refuses and asks for use_cpu; the evaluate stage "
+            "runs in fp32 on the CPU",
     "torch_compile": "compiles each decoder layer by default (train.compile_scope) and combines with "
                      "enable_liger_kernel, which LLaMA-Factory cannot",
 }

@@ -259,7 +259,13 @@ class TrainSection(Section):
         False, description="Shard parameters, gradients and optimizer states across the training processes "
         "(PyTorch FSDP2, one unit per decoder layer) instead of replicating them (DDP): for models whose weights and "
         "AdamW states do not fit one GPU. Needs num_processes > 1; full or freeze training.")
-    bf16: bool = Field(False, description="bf16 autocast with fp32 master weights (GPU).")
+    use_cpu: bool = Field(
+        False, description="Train and evaluate on the CPU even when a GPU is visible (transformers' use_cpu); one "
+        "process unless num_processes says more. Not part of the cache key: where a stage runs never is.")
+    bf16: bool = Field(
+        False, description="bf16 autocast with fp32 master weights. Refused on a CUDA GPU without native bf16 "
+        "(before Ampere); on the CPU (no GPU, or use_cpu) it is PyTorch's CPU bf16 autocast: the same numerics, "
+        "usually slower than fp32 unless the CPU has AMX or AVX512-BF16.")
     pure_bf16: bool = Field(False, description="Keep weights and optimizer states in bf16 (no fp32 master copy): "
                             "less memory and faster, slightly less precise.")
     torch_compile: bool = Field(False, description="Compile the model with torch.compile.")
@@ -313,7 +319,8 @@ class TrainSection(Section):
     def digest_fields(self) -> dict[str, Any]:
         # How often we log or checkpoint, and whether we resume, do not change the trained weights.
         fields = self.model_dump(mode="json")
-        for name in ("logging_steps", "save_steps", "save_total_limit", "resume_from_checkpoint", "do_train"):
+        # Nor does use_cpu: keys never depend on where a stage runs (a GPU run's model serves a use_cpu config).
+        for name in ("logging_steps", "save_steps", "save_total_limit", "resume_from_checkpoint", "do_train", "use_cpu"):
             fields.pop(name)
         return fields
 

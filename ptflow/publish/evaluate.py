@@ -4,8 +4,8 @@ The loss is the sum of per-token losses over all predicted tokens divided by the
 (not a mean of batch means), so it does not depend on the batch size. Perplexity is
 exp(eval_loss), `inf` on overflow, as LLaMA-Factory reports it. The result records the eval
 set's digest and token count: two perplexities compare only when those match. The model runs
-on the GPU when there is one (bf16 autocast where supported), `per_device_eval_batch_size`
-blocks at a time. Writes LLaMA-Factory's eval_results.json and all_results.json.
+on the GPU when there is one (bf16 autocast where supported) unless `train.use_cpu` asks for the
+CPU (fp32 there), `per_device_eval_batch_size` blocks at a time. Writes LLaMA-Factory's eval_results.json and all_results.json.
 
 Evaluate-only (`train.do_train: false`): `existing_model` turns the folder at
 model_name_or_path into an artifact keyed by its files' content (weights, config, tokenizer),
@@ -36,7 +36,8 @@ from ptflow.store.entries import (
 from ptflow.store.layout import Layout
 from ptflow.store.stage import Stage
 from ptflow.train.eval_loss import eval_loss, perplexity
-from ptflow.train.loop import load_trained_model
+from ptflow.train.device import eval_autocast, eval_device
+from ptflow.train.model import load_saved_model
 
 log = logging.getLogger("ptflow.evaluate")
 
@@ -47,18 +48,20 @@ def eval_set_digest(dataset: Artifact) -> str:
     return sha256_file(Path(dataset.path) / "eval.npy")
 
 
-def components(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout) -> dict:
+def components(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout, use_cpu: bool = False) -> dict:
+    # where it runs is not part of the key (keys never depend on the machine), so use_cpu is not either
     return {"config": section.digest_fields(), "inputs": {"model": model.digest, "dataset": dataset.digest}}
 
 
-def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout,
+def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: Layout, use_cpu: bool = False,
              parts: dict | None = None) -> Artifact:
-    """eval_results.json (eval_loss, perplexity, runtime, eval set digest) for the trained model."""
+    """eval_results.json (eval_loss, perplexity, runtime, eval set digest) for the trained model; `use_cpu` is
+    train.use_cpu (one key for both stages, as transformers' use_cpu)."""
 
     def build(folder: Path) -> dict:
         blocks, lengths = open_blocks(dataset, "eval")
-        net, device = load_trained_model(model.dir)
-        autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        device = eval_device(use_cpu)
+        net, autocast = load_saved_model(model.dir, device), eval_autocast(device)
         started = time.perf_counter()
         loss, n_tokens = eval_loss(net, blocks, lengths, section.per_device_eval_batch_size, device, autocast,
                                    doc_starts=open_doc_starts(dataset, "eval"))  # as trained: no cross-document attention
@@ -91,7 +94,7 @@ def evaluate(section: EvalSection, model: Artifact, dataset: Artifact, layout: L
     blocks, _ = open_blocks(dataset, "eval")
     if len(blocks) == 0:
         raise DataError("eval.do_eval needs held-out blocks: set data.val_size (e.g. 0.05) or eval.do_eval: false")
-    return build_or_reuse(layout, STAGE.name, parts or STAGE.key_parts(section, model, dataset, layout), build)
+    return build_or_reuse(layout, STAGE.name, parts or STAGE.key_parts(section, model, dataset, layout, use_cpu), build)
 
 
 STAGE = Stage("evaluate", version=1, components=components, build=evaluate, libraries=("torch", "transformers"))

@@ -31,8 +31,9 @@ def device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def resolve_num_processes(requested: int | None) -> int:
-    return requested if requested else device_count()
+def resolve_num_processes(requested: int | None, use_cpu: bool = False) -> int:
+    """train.num_processes, or one per visible GPU; one process when train.use_cpu trains on the CPU."""
+    return requested if requested else 1 if use_cpu else device_count()
 
 
 def launch_training(folder: Path, spec: dict, num_processes: int, on_log: Callable[[dict], None] | None) -> dict:

@@ -91,7 +91,8 @@ def test_output_files_and_checkpoint_names(run_a):
     folder = run_a.dir
     names = {p.name for p in folder.iterdir()}
     assert OUTPUT_FILES <= names
-    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-8"]  # not the last
+    checkpoints = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in checkpoints] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]  # the last too, as HF
     assert {p.name for p in (folder / "checkpoint-8").iterdir()} == CHECKPOINT_FILES
     meta = json.loads((folder / "checkpoint-8" / META).read_text())
     assert meta["step"] == 8 and meta["tokens_seen"] == 8 * 64
@@ -104,7 +105,10 @@ def test_output_files_and_checkpoint_names(run_a):
     assert log[-1]["percentage"] == 100.0 and log[-1]["total_tokens"] == STEPS * 64
     state = json.loads((folder / "trainer_state.json").read_text())
     assert (state["global_step"], state["max_steps"]) == (STEPS, STEPS)
-    assert [e["step"] for e in state["log_history"]] == list(range(1, STEPS + 1))
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, STEPS + 1))
+    assert state["log_history"][-1]["train_loss"] == pytest.approx(run_a.stats["train_loss"])  # HF's summary entry
+    # the rate each step used (HF's warmup starts at 0), not the next step's
+    assert [r["lr"] for r in log][:4] == pytest.approx([0.0, 1.5e-3, 3e-3, 3e-3 * 0.5 * (1 + math.cos(math.pi / 10))])
     results = json.loads((folder / "train_results.json").read_text())
     assert {"epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"} <= set(results)
     assert results["train_tokens"] == STEPS * 64
@@ -453,7 +457,7 @@ def test_a_finished_entry_drops_a_damaged_checkpoint_and_stays_a_hit(run_a, scra
     truncate(first.dir / "checkpoint-4" / "optimizer.pt", 0.5)
     again = train(scratch, settings(), tokenizer_artifact, dataset, layout)
     assert again.hit and again.digest == first.digest
-    assert sorted(p.name for p in again.dir.iterdir() if p.is_dir()) == ["checkpoint-8"]
+    assert sorted(p.name for p in again.dir.iterdir() if p.is_dir()) == ["checkpoint-12", "checkpoint-8"]
 
 
 def test_damaged_final_weights_resume_from_the_newest_intact_checkpoint(run_a, scratch, tokenizer_artifact, dataset,
@@ -461,8 +465,8 @@ def test_damaged_final_weights_resume_from_the_newest_intact_checkpoint(run_a, s
     first = train(scratch, settings(), tokenizer_artifact, dataset, layout)
     truncate(first.dir / "model.safetensors", 0.5)
     again = train(scratch, settings(), tokenizer_artifact, dataset, layout)
-    assert not again.hit and again.stats["resumed_from"] == str(layout.work("train", run_a.key) / "checkpoint-8")
-    assert_same_run(again.dir, run_a.dir)  # retrained 4 steps, not 12, to the same weights and log
+    assert not again.hit and again.stats["resumed_from"] == str(layout.work("train", run_a.key) / "checkpoint-12")
+    assert_same_run(again.dir, run_a.dir)  # re-exported from the final checkpoint, not retrained
 
 
 def test_train_loss_and_the_first_log_after_a_resume_match_an_unbroken_run(scratch, tokenizer_artifact, dataset,

@@ -35,8 +35,8 @@ from ptflow.store.entries import (
 )
 from ptflow.store.layout import Layout
 from ptflow.store.stage import Stage
-from ptflow.train.eval_loss import eval_loss, perplexity
 from ptflow.train.device import eval_autocast, eval_device
+from ptflow.train.eval_loss import eval_loss, perplexity
 from ptflow.train.model import load_saved_model
 
 log = logging.getLogger("ptflow.evaluate")

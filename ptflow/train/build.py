@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from ptflow.config.schema import ModelSection, TrainSection
-from ptflow.errors import TrainingError
 from ptflow.train import sharding
 from ptflow.train.bf16_adamw import StochasticRoundingAdamW
 from ptflow.train.kernels import apply_speedups, base_causal_lm
@@ -32,12 +31,6 @@ class Built:
     n_trainable: int
     n_matmul: int  # parameters in a per-token matmul (MFU's N: no input embedding table)
     speedups: list[str] = field(default_factory=list)
-
-
-def check_device(model: ModelSection) -> None:
-    if model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
-        raise TrainingError("model.attn_implementation: flex_attention trains only on a CUDA GPU (PyTorch has no "
-                            "CPU backward for it); use sdpa here or run the train stage on a GPU worker")
 
 
 def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab_size: int, seed: int,

@@ -56,11 +56,12 @@ from ptflow.train.build import (
     build_net,
     build_optimizer,
     build_scheduler,
-    check_device,
 )
 from ptflow.train.checkpoint import adopt_checkpoints
 from ptflow.train.checkpointer import Checkpointer
+from ptflow.train.device import check_device, eval_device, train_on_cpu
 from ptflow.train.eval_loss import document_positions, eval_loss
+from ptflow.train.hf_state import hf_total_flos, hf_trainer_state
 from ptflow.train.kernels import base_causal_lm
 from ptflow.train.launch import launch_training, resolve_num_processes, spec_for
 from ptflow.train.metrics import (
@@ -68,15 +69,14 @@ from ptflow.train.metrics import (
     TrainLog,
     Window,
     log_record,
-    trainer_state,
 )
-from ptflow.train.model import model_files
+from ptflow.train.model import load_saved_model, model_files
 from ptflow.train.step import StepRunner
 from ptflow.train.telemetry import flops_per_token, format_seconds, peak_flops
 
 log = logging.getLogger("ptflow.train")
 
-__all__ = ["DataOrder", "components", "document_positions", "plan_steps", "run_training", "train", "trainer_state"]
+__all__ = ["DataOrder", "components", "document_positions", "plan_steps", "run_training", "train"]
 
 
 def plan_steps(train: TrainSection, n_blocks: int | None, world_size: int) -> tuple[int, int | None, int]:
@@ -124,7 +124,7 @@ def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset
         fingerprint = {"dataset": dataset.digest, "tokenizer": tokenizer.digest,
                        "train_config": sha256_json(parts["config"])[:16]}
         adopt_checkpoints(folder, fingerprint)
-        world = resolve_num_processes(train.num_processes)
+        world = resolve_num_processes(train.num_processes, train.use_cpu)
         if world > 1 and not os.environ.get("PTFLOW_LAUNCHED"):
             spec = {**spec_for(folder, model, train, tokenizer, dataset, seed, fingerprint),
                     "eval_batch_size": eval_batch_size}
@@ -175,10 +175,10 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     from accelerate.utils import set_seed
 
     launched = time.perf_counter()
-    check_device(model_section)
     # Precision is ours (autocast or pure bf16), not accelerate's wrapper; cpu=True lets torchrun ranks use gloo.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=train_on_cpu(train))
     device, world = accelerator.device, accelerator.num_processes
+    check_device(model_section, train, device)
     set_seed(seed)
     data = TrainData.open(dataset, train, world)
     tok = open_tokenizer(tokenizer.path)
@@ -220,6 +220,7 @@ class Training:
         cfg = base_causal_lm(accelerator.unwrap_model(step.net)).config
         self.token_flops = flops_per_token(built.n_matmul, cfg.num_hidden_layers, cfg.hidden_size, data.seq_len)
         self.peak = peak_flops(self.device)
+        self.hf_flos_per_token = hf_total_flos(accelerator.unwrap_model(step.net), 1)  # HF Trainer's total_flos
         self.losses_sum, self.losses_n = 0.0, 0
 
     def eval_set(self, dataset: Artifact, batch_size: int) -> None:
@@ -271,7 +272,7 @@ class Training:
                 record = self.evaluate(done, record)
                 if record:
                     self.log.add(record)
-                if done % self.train.save_steps == 0 and done < total:
+                if done % self.train.save_steps == 0 or done == total:  # the last step's too, as HF Trainer
                     self.save(done)
                 faults.point(f"train:step-{done}")
         finally:
@@ -287,7 +288,7 @@ class Training:
         stats = self.window.close(done, self.folder)  # raises on a non-finite loss, naming the step
         self.losses_sum, self.losses_n = self.losses_sum + stats["loss_sum"], self.losses_n + stats["steps"]
         tps = stats["timed_steps"] * self.tokens_per_step / stats["elapsed_s"] / self.world
-        record = log_record(done, total, stats["loss_sum"] / stats["steps"], self.step.scheduler.get_last_lr()[0],
+        record = log_record(done, total, stats["loss_sum"] / stats["steps"], self.step.last_lr,
                             stats["grad_norm"], self.source.epoch_at(done), time.perf_counter() - self.window.started,
                             (total - done) * stats["elapsed_s"] / stats["timed_steps"], tps, done * self.tokens_per_step,
                             self.token_flops, self.peak, self.device, stats["wait_s"] / stats["elapsed_s"])
@@ -316,8 +317,7 @@ class Training:
 
     def save(self, done: int) -> None:
         pending_losses, pending_norms = self.window.check_finite(self.folder)  # never checkpoint diverged weights
-        extra = {"trainer_state": trainer_state(self.log.history, done, self.data.total_steps, self.train,
-                                                self.source.epoch_at(done)),
+        extra = {"trainer_state": self.hf_state(done),
                  "tokens_seen": done * self.tokens_per_step,
                  "running_loss": {"sum": self.losses_sum, "n": self.losses_n, "window": pending_losses,
                                   "norms": pending_norms}}
@@ -350,12 +350,19 @@ class Training:
                 "streamed": self.data.plan is not None,
                 **{k: results[k] for k in ("train_loss", "train_runtime")}}
 
+    def hf_state(self, done: int, summary: dict | None = None) -> dict:
+        """trainer_state.json at step `done` (a checkpoint) or, with the run's `summary`, at the end."""
+        tokens = done * self.tokens_per_step
+        return hf_trainer_state(self.log.history, step=done, max_steps=self.data.total_steps, train=self.train,
+                                epoch=self.source.epoch_at(done), total_flos=self.hf_flos_per_token * tokens,
+                                tokens_seen=tokens, summary=summary)
+
     def write_results(self, runtime: float) -> dict:
         """train_results.json, all_results.json and trainer_state.json, as transformers' Trainer names them."""
         total, per_step = self.data.total_steps, self.data.per_step
         steps_run = total - self.start_step
         epoch = self.source.epoch_at(total)
-        results = {"epoch": round(epoch, 4), "total_flos": float(self.token_flops * total * self.tokens_per_step),
+        results = {"epoch": round(epoch, 4), "total_flos": self.hf_flos_per_token * total * self.tokens_per_step,
                    "train_loss": self.losses_sum / max(self.losses_n, 1), "train_runtime": round(runtime, 4),
                    "train_samples_per_second": round(steps_run * per_step / runtime, 3) if runtime else None,
                    "train_steps_per_second": round(steps_run / runtime, 3) if runtime else None,
@@ -363,20 +370,11 @@ class Training:
         (self.folder / "train_results.json").write_text(json.dumps(results, indent=2))
         # transformers' save_metrics("train") writes all_results.json too; evaluate merges eval_results into it
         (self.folder / "all_results.json").write_text(json.dumps(results, indent=2))
-        state = trainer_state(self.log.history, total, total, self.train, epoch)
-        (self.folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (self.folder / "trainer_state.json").write_text(json.dumps(self.hf_state(total, results), indent=2))
         return results
 
 
 def load_trained_model(folder: Path):
-    """The stored model (merging nothing: a LoRA folder loads base + adapter) on the best device."""
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if (folder / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
-    return model.to(device), device
+    """The stored model (merging nothing: a LoRA folder loads base + adapter) on the best device, and that device."""
+    device = eval_device(False)
+    return load_saved_model(folder, device), device

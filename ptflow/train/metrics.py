@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ptflow.config.schema import TrainSection
 from ptflow.errors import TrainingError
-from ptflow.train.eval_loss import perplexity
 from ptflow.train.telemetry import format_seconds, peak_memory_gib
 
 log = logging.getLogger("ptflow.train")
@@ -99,22 +97,6 @@ def read_log(path: Path, upto: int) -> list[dict]:
         if record.get("current_steps", 0) <= upto:
             records.append(record)
     return records
-
-
-def trainer_state(history: list[dict], step: int, total: int, train: TrainSection, epoch: float) -> dict:
-    """HF Trainer's trainer_state.json shape (log_history with loss/eval_loss per step)."""
-    log_history = []
-    for r in history:
-        entry = {"step": r["current_steps"], "epoch": r.get("epoch")}
-        if "loss" in r:
-            entry.update(loss=r["loss"], learning_rate=r.get("lr"), grad_norm=r.get("grad_norm"))
-        if "eval_loss" in r:
-            entry.update(eval_loss=r["eval_loss"], eval_perplexity=perplexity(r["eval_loss"]))
-        log_history.append(entry)
-    return {"global_step": step, "max_steps": total, "epoch": round(epoch, 4),
-            "num_train_epochs": math.ceil(epoch * total / step) if step else 0, "logging_steps": train.logging_steps,
-            "save_steps": train.save_steps, "train_batch_size": train.per_device_train_batch_size,
-            "log_history": log_history}
 
 
 class TrainLog:

@@ -57,6 +57,7 @@ class StepRunner:
         loss = self.accumulate(batch)
         grad_norm = self.clip()
         self.optimizer.step()
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used, as HF Trainer logs it
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:

@@ -42,6 +42,11 @@ def last_loss(r: dict) -> tuple[int, float] | None:
     return step, losses[step]
 
 
+def first_step(r: dict) -> float | None:
+    """Seconds from the run's start (LF: run_exp; ptflow: the train stage) to the end of step 1."""
+    return r.get("first_step_from_start_s", r.get("first_step_s")) if r["system"] == "lf" else r.get("first_step_s")
+
+
 def fmt(x, spec=",.0f", none="–"):
     return none if x is None else format(x, spec)
 
@@ -91,9 +96,10 @@ def main() -> None:
     lines = [f"## One GPU ({gpu}): LLaMA-Factory's best vs ptflow, same work and numerics",
              "",
              f"Random-init Llama, bf16 autocast with fp32 master weights unless the variant says `pure`, sequence 2048, "
-             f"micro-batch 8, steady tokens/s over {window}. First step: LLaMA-Factory from the Trainer's "
-             "train_begin (model already built) to the end of step 1; ptflow from the train stage's start (model "
-             "build included). Each run's Inductor/Triton cache starts empty unless the runs table says it is shared.",
+             f"micro-batch 8, steady tokens/s over {window}. First step = seconds to the end of step 1 (compile "
+             "included), from LLaMA-Factory's run_exp start / ptflow's train stage start (both: data opened, model "
+             "built); LLaMA-Factory's count from the Trainer's train_begin is in results.json (first_step_s). "
+             "Each run's Inductor/Triton cache starts empty unless the runs table says it is shared.",
              "",
              "| model | LLaMA-Factory best | tok/s | MFU | first step s | peak GiB | ptflow variant | tok/s | MFU "
              "| first step s | peak GiB | **ptflow / LF** | loss at last step (LF / ptflow) |",
@@ -108,14 +114,14 @@ def main() -> None:
             f"– / {ll_r[1]:.3f}" if ll_r else "–"
         lines.append(
             f"| {r['model']} | {describe(b) if b else 'not run'} | {fmt(b and b['steady_tokens_per_s'])} | "
-            f"{fmt(b and b['mfu_6N_attn_989'], '.3f')} | {fmt(b and b.get('first_step_s'), '.1f')} | "
+            f"{fmt(b and b['mfu_6N_attn_989'], '.3f')} | {fmt(b and first_step(b), '.1f')} | "
             f"{fmt(b and (b.get('mem') or {}).get('max_allocated_gib'), '.1f')} | {describe(r)} | "
             f"{fmt(r['steady_tokens_per_s'])} | {fmt(r['mfu_6N_attn_989'], '.3f')} | {fmt(r.get('first_step_s'), '.1f')} | "
             f"{fmt((r.get('mem') or {}).get('max_allocated_gib'), '.1f')} | **{fmt(ratio, '.2f')}×** | {loss} |")
     for m, b in sorted(lf.items()):
         if not any(p["model"] == m for p in pairs):
             lines.append(f"| {m} | {describe(b)} | {fmt(b['steady_tokens_per_s'])} | {fmt(b['mfu_6N_attn_989'], '.3f')} | "
-                         f"{fmt(b.get('first_step_s'), '.1f')} | {fmt((b.get('mem') or {}).get('max_allocated_gib'), '.1f')} "
+                         f"{fmt(first_step(b), '.1f')} | {fmt((b.get('mem') or {}).get('max_allocated_gib'), '.1f')} "
                          "| ptflow not run | | | | | | |")
 
     multi = []

@@ -497,3 +497,17 @@ def test_pure_bf16_resumes_exactly_with_stochastic_rounding(scratch, tokenizer_a
     assert losses(resumed.dir) == losses(whole.dir)
     weights, reference = load_file(resumed.dir / "model.safetensors"), load_file(whole.dir / "model.safetensors")
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+
+def test_compile_caches_point_into_the_store_while_training_and_are_restored(tmp_path, monkeypatch):
+    import os
+
+    from ptflow.train.compile_cache import compile_caches_in
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/users/own/triton")  # a cache the user chose is kept
+    with compile_caches_in(Layout(tmp_path).compile_cache()) as folder:
+        assert folder.parent == tmp_path / "compile-cache" and folder.name.startswith(f"torch-{torch.__version__}")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "inductor")
+        assert os.environ["TRITON_CACHE_DIR"] == "/users/own/triton"
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and os.environ["TRITON_CACHE_DIR"] == "/users/own/triton"

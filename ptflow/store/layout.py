@@ -7,6 +7,7 @@
     <root>/cache/<stage>/index.json      a stage's bookkeeping (tokenize: what each file was last tokenized with)
     <root>/runs/<run_name>/              the default output_dir of a run
     <root>/lineage/<run_name>.jsonl      the models a run_name has trained, oldest first (continual pretraining)
+    <root>/compile-cache/<torch-triton-device>/   PyTorch's compile caches (Inductor, Triton), shared by train stages
     <root>/run-records/<run_name>.json   the newest `ptflow run` of a run_name: state, config, last step (`ptflow runs`)
 
 The root is `store:` from the config, else $PTFLOW_HOME, else ~/.cache/ptflow: a local folder,
@@ -53,6 +54,10 @@ class Layout:
 
     def artifact(self, stage: str, key: str) -> Path:
         return self.stage_dir(stage) / key
+
+    def compile_cache(self) -> Path:
+        """PyTorch's compile caches (ptflow/train/compile_cache.py), shared by every train stage of this store."""
+        return self.root / "compile-cache"
 
     def work(self, stage: str, key: str) -> Path:
         return self.stage_dir(stage) / f"{key}{WORK_SUFFIX}"

@@ -59,6 +59,7 @@ from ptflow.train.build import (
 )
 from ptflow.train.checkpoint import adopt_checkpoints
 from ptflow.train.checkpointer import Checkpointer
+from ptflow.train.compile_cache import compile_caches_in
 from ptflow.train.device import check_device, eval_device, train_on_cpu
 from ptflow.train.eval_loss import document_positions, eval_loss
 from ptflow.train.hf_state import hf_total_flos, hf_trainer_state
@@ -125,11 +126,12 @@ def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset
                        "train_config": sha256_json(parts["config"])[:16]}
         adopt_checkpoints(folder, fingerprint)
         world = resolve_num_processes(train.num_processes, train.use_cpu)
-        if world > 1 and not os.environ.get("PTFLOW_LAUNCHED"):
-            spec = {**spec_for(folder, model, train, tokenizer, dataset, seed, fingerprint),
-                    "eval_batch_size": eval_batch_size}
-            return launch_training(folder, spec, world, on_log)
-        return run_training(folder, model, train, tokenizer, dataset, seed, fingerprint, on_log, eval_batch_size)
+        with compile_caches_in(layout.compile_cache()):
+            if world > 1 and not os.environ.get("PTFLOW_LAUNCHED"):
+                spec = {**spec_for(folder, model, train, tokenizer, dataset, seed, fingerprint),
+                        "eval_batch_size": eval_batch_size}
+                return launch_training(folder, spec, world, on_log)
+            return run_training(folder, model, train, tokenizer, dataset, seed, fingerprint, on_log, eval_batch_size)
 
     return build_or_reuse(layout, STAGE.name, parts, build, resumable=True,
                           skip_digest=lambda rel: rel.startswith("checkpoint-"))

@@ -113,13 +113,15 @@ say "setup done"
 # --- LLaMA-Factory's packed dataset (once) alongside ptflow's tokenizer + dataset caches (CPU only) ---
 say "prepare: LLaMA-Factory preprocess (saved with tokenized_path) || ptflow prepare_dataset (store $STORE)"
 T0=$SECONDS
+PLAN_MODELS=$(awk -F'|' 'NF > 2 {print $3}' <<< "$PLAN" | sort -u | paste -sd, -)
+FIRST_MODEL=$(awk -F'|' 'NF > 2 {print $3; exit}' <<< "$PLAN")
 maybe env PYTHONPATH="$SITE_LF" CUDA_VISIBLE_DEVICES=0 timeout 150 python3 .anchors/lf_anchor.py preprocess \
-  --model-dir "$WORK/models/llama-1.1b" --model-name llama-1.1b --dataset-dir "$WORK/data" \
+  --model-dir "$WORK/models/$FIRST_MODEL" --model-name "$FIRST_MODEL" --dataset-dir "$WORK/data" \
   --tokenized-path "$WORK/tokenized_$SEQ" --output-dir "$WORK/lf_out/preprocess" --result "$WORK/lf_preprocess.json" \
   --mb "$MB" --steps "$STEPS" --skip "$SKIP" --cutoff "$SEQ" --num-proc "$NUM_PROC" > "$LOGS/lf-preprocess.log" 2>&1 &
 PID_PRE=$!
 maybe env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/train_bench.py --prepare-only \
-  --anchors-work "$WORK" --models llama-1.1b,llama-160m --variants layers+flash,compile+flex --seq "$SEQ" \
+  --anchors-work "$WORK" --models "$PLAN_MODELS" --variants eager --seq "$SEQ" \
   --store "$STORE" > "$LOGS/pt-prepare.log" 2>&1
 rc_pt=$?
 wait $PID_PRE

@@ -150,7 +150,7 @@ def main() -> None:
         lines += ["", f"## Runs (deadline {a.deadline} s after the script's start)", "",
                   "| run | status | started at s | wall s (process) | estimated s | note |", "|---|---|---|---|---|---|"]
         for s in status:
-            lines.append(f"| {s['name']} | {s['status']}{' rc=' + str(s['rc']) if s['status'] == 'failed' else ''} | "
+            lines.append(f"| {s['name']} | {s['status']}{' rc=' + str(s['rc']) if s['status'] not in ('ok', 'skipped') else ''} | "
                          f"{s['started_s']} | {s['wall_s']} | {s['est_s']} | {s.get('detail', '')} |")
     table = "\n".join(lines) + "\n"
     a.table.write_text(table)

@@ -59,6 +59,7 @@ from ptflow.train.build import (
     check_device,
 )
 from ptflow.train.checkpoint import adopt_checkpoints
+from ptflow.train.checkpoint_sync import pull_checkpoints
 from ptflow.train.checkpointer import Checkpointer
 from ptflow.train.eval_loss import document_positions, eval_loss
 from ptflow.train.kernels import base_causal_lm
@@ -123,6 +124,7 @@ def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset
     def build(folder: Path) -> dict:
         fingerprint = {"dataset": dataset.digest, "tokenizer": tokenizer.digest,
                        "train_config": sha256_json(parts["config"])[:16]}
+        pull_checkpoints(folder)  # an object store: its newest checkpoint, when another machine got further
         adopt_checkpoints(folder, fingerprint)
         world = resolve_num_processes(train.num_processes)
         if world > 1 and not os.environ.get("PTFLOW_LAUNCHED"):

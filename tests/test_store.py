@@ -292,8 +292,9 @@ def test_layout_paths_and_remote_roots(tmp_path, monkeypatch):
     monkeypatch.setenv("PTFLOW_HOME", str(tmp_path / "home"))
     assert Layout.resolve().root == tmp_path / "home"
     assert Layout.resolve(str(tmp_path / "cfg")).root == tmp_path / "cfg"
-    with pytest.raises(StoreError, match="remote stores are not supported yet"):
-        Layout.resolve("s3://bucket/ptflow")
+    assert Layout.resolve(str(tmp_path / "cfg")).remote is None
+    with pytest.raises(StoreError, match="the URL holds credentials"):
+        Layout.resolve("s3://key:secret@bucket/ptflow")
     assert not (tmp_path / "home").exists()  # nothing is created until a stage writes
 
 

@@ -418,7 +418,9 @@ class RunConfig(BaseModel):
 
     run_name: str = Field("ptflow-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_RUN_NAME,
                           description="Name of the run (default output folder, model card title).")
-    store: str | None = Field(None, description="Artifact store root; default $PTFLOW_HOME or ~/.cache/ptflow.")
+    store: str | None = Field(None, description="Artifact store root: a folder, or an object store URL "
+                              "(s3://bucket/prefix, gs://...; credentials never in the URL) cached per machine in "
+                              "PTFLOW_CACHE_DIR; default $PTFLOW_HOME or ~/.cache/ptflow.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for the validation split, data order and weight init.")
     model: ModelSection
     data: DataSection

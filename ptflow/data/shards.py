@@ -37,6 +37,7 @@ from ptflow.data.fastencode import WordEncoder
 from ptflow.data.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
 from ptflow.data.tokenizer import open_tokenizer
 from ptflow.data.workers import WorkerPool, default_workers
+from ptflow.store import sync
 from ptflow.store.entries import (
     DigestMemo,
     build_or_reuse,
@@ -421,6 +422,7 @@ def _progress(total: int):
 def _read_index(layout: Layout) -> dict:
     import json
 
+    sync.pull_file(layout, layout.stage_index(STAGE))  # an object store's index, shared by every machine
     try:
         return json.loads(layout.stage_index(STAGE).read_text())
     except (OSError, ValueError):
@@ -441,6 +443,7 @@ def _update_index(layout: Layout, out: dict[str, SourceShards], digests: dict[st
             return
         index.update(entries)
         write_json_atomic(layout.stage_index(STAGE), index)
+        sync.push_file(layout, layout.stage_index(STAGE))
 
 
 def _explain(source: Source, done: list[ShardResult], digests: dict[str, str], tokenizer_digest: str, code: str,

@@ -33,6 +33,7 @@ from typing import Any
 
 from ptflow import __version__, faults
 from ptflow.errors import PtflowError, StoreError
+from ptflow.store import sync
 from ptflow.store.layout import MANIFEST, Layout
 
 log = logging.getLogger("ptflow.store")
@@ -235,7 +236,9 @@ def lookup(layout: Layout, stage: str, key: str, verify: bool = False) -> tuple[
     digest, e.g. an intermediate training checkpoint) are dropped and the entry is still returned."""
     folder = layout.artifact(stage, key)
     if not folder.is_dir():
-        return None, ""
+        problem = sync.fetch_entry(layout, stage, key, check_files)  # an object store's entry: download it
+        if problem or not folder.is_dir():
+            return None, f"cached entry is damaged ({problem}); rebuilding it" if problem else ""
     manifest = read_manifest(folder)
     problem = identity_problem(layout, stage, key, folder, manifest)
     if problem:
@@ -410,6 +413,8 @@ def build_or_reuse(
             log.log(logging.DEBUG if quiet else logging.INFO, "%s: hit %s (all key components unchanged)", stage,
                     key[:12])
             _touch(found.dir)
+            if layout.remote is not None:  # a local hit whose upload failed is uploaded now
+                sync.publish_entry(layout, stage, key, read_manifest(found.dir) or {})
             return found.as_cached("all key components unchanged")
         reason = damage or ("not built yet" if quiet else explain_miss(layout, stage, components))
         log.log(logging.DEBUG if quiet else logging.INFO, "%s: miss %s (%s)", stage, key[:12], reason)
@@ -445,4 +450,7 @@ def build_or_reuse(
                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc
             raise StoreError(f"{stage}: writing the artifact {final} failed: {exc.strerror or exc}. "
                              f"Free space or fix permissions, then re-run; finished stages stay cached.") from exc
+        sync.publish_entry(layout, stage, key, manifest, replace=bool(damage))  # object store: files, manifest
+        if resumable:
+            sync.drop_work(layout, stage, key)
     return _artifact(final, manifest, hit=False, reason=reason)

@@ -11,10 +11,12 @@
     <root>/run-records/<run_name>.json   the newest `ptflow run` of a run_name: state, config, last step (`ptflow runs`)
 
 The root is `store:` from the config, else $PTFLOW_HOME, else ~/.cache/ptflow: a local folder,
-a `file://` URL, or a shared filesystem (NFS, EFS, Filestore, a mounted bucket) that every
-worker mounts at the same path, so CPU and GPU workers find each other's artifacts. Object
-store URLs (s3://, gs://) are refused with that advice. Nothing is created at import;
-folders appear when a stage writes.
+a `file://` URL, a shared filesystem (NFS, EFS, Filestore, a mounted bucket) that every worker
+mounts at the same path, or an object store URL (s3://, gs://, any fsspec URL). For an object
+store, `root` is this machine's cache directory for it (laid out as above, plus `remote.json`
+naming the URL; see store/remote.py) and `remote` is the bucket that entries, checkpoints and
+lineage are synced with (store/sync.py); `runs/` stays on the machine. Nothing is created at
+import; folders appear when a stage writes (a remote store's cache directory when it is resolved).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import os
 import uuid
 from pathlib import Path
 
-from ptflow.errors import StoreError
+from fsspec.utils import infer_storage_options
+
+from ptflow.store import remote
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -34,19 +38,18 @@ WORK_SUFFIX = ".work"
 class Layout:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
+        self.remote = remote.bound(self.root)  # the object store this folder caches, None for a local store
 
     @classmethod
     def resolve(cls, store: str | None = None) -> "Layout":
-        root = store or os.environ.get("PTFLOW_HOME") or Path.home() / ".cache" / "ptflow"
-        if "://" in str(root):
-            from fsspec.utils import infer_storage_options
-
-            options = infer_storage_options(str(root))
-            if options["protocol"] not in ("file", "local"):
-                raise StoreError(f"store {root!r}: remote stores are not supported yet; mount the bucket or a shared "
-                                 "filesystem at the same path on every worker (NFS, EFS, Filestore, s3fs, gcsfuse) "
-                                 "and set store: (or PTFLOW_HOME) to that path. See docs/deploy.md.")
-            root = options["path"]
+        root = str(store or os.environ.get("PTFLOW_HOME") or Path.home() / ".cache" / "ptflow")
+        if remote.is_remote(root):
+            url = remote.check_url(root)
+            cache = remote.cache_dir(url)
+            remote.bind(cache, url)
+            return cls(cache)
+        if "://" in root:
+            root = infer_storage_options(root)["path"]
         return cls(root)
 
     def stage_dir(self, stage: str) -> Path:
@@ -94,7 +97,7 @@ class Layout:
         return Path(output_dir).expanduser().resolve() if output_dir else self.run_dir(run_name)
 
     def __repr__(self) -> str:
-        return f"Layout({str(self.root)!r})"
+        return f"Layout({str(self.root)!r}{f', remote={self.remote.url!r}' if self.remote else ''})"
 
     def __reduce__(self):
         return (Layout, (str(self.root),))

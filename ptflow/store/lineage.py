@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ptflow.config.schema import ModelSection, RunConfig
 from ptflow.errors import StoreError
+from ptflow.store import sync
 from ptflow.store.entries import Artifact
 from ptflow.store.layout import Layout
 from ptflow.store.verdict import locate
@@ -43,6 +44,11 @@ class Start:
 
 def read_lineage(layout: Layout, run_name: str) -> list[dict]:
     path = layout.lineage_file(run_name)
+    sync.pull_file(layout, path)  # an object store's lineage is the one every machine shares
+    return _parse(path)
+
+
+def _parse(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     entries = []
@@ -93,9 +99,10 @@ def record(layout: Layout, run_name: str, model: Artifact, start: Start, dataset
     """Append the trained model to the lineage (not again when the newest entry is this very model)."""
     path = layout.lineage_file(run_name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sync.pull_file(layout, path)
     with open(path, "a+", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        entries = read_lineage(layout, run_name)
+        entries = _parse(path)
         if entries and entries[-1]["key"] == model.key:
             return False
         entry = {"key": model.key, "digest": model.digest, "parent": start.parent, "dataset": dataset.digest,
@@ -104,5 +111,6 @@ def record(layout: Layout, run_name: str, model: Artifact, start: Start, dataset
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         handle.write(json.dumps(entry) + "\n")
         handle.flush()
+        sync.push_file(layout, path)
     log.info("lineage %s: recorded model %s (%s)", run_name, model.key[:12], start.note)
     return True

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptflow.errors import StoreError
+from ptflow.store import sync
 from ptflow.store.entries import Artifact, explain_miss, key_lock, lookup
 from ptflow.store.layout import Layout
 from ptflow.store.stage import Planned
@@ -73,6 +74,9 @@ def evict(layout: Layout, stage: str, key: str) -> bool:
                 folder.rename(doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
                 removed = True
+        if layout.remote is not None:
+            sync.drop(layout, stage, key)  # an object store's copy too, else the next lookup fetches it back
+            removed = True
     if removed:
         log.info("%s: removed %s from the store (forced)", stage, key[:12])
     return removed

@@ -18,6 +18,7 @@ from ptflow.data.stream import Cursor
 from ptflow.errors import CheckpointError
 from ptflow.train import checkpoint as ckpt
 from ptflow.train import sharding
+from ptflow.train.checkpoint_sync import publish_checkpoints
 
 log = logging.getLogger("ptflow.train")
 
@@ -79,4 +80,5 @@ class Checkpointer:
             ckpt.save_checkpoint(self.folder, step, self.accelerator.unwrap_model(net), optimizer, scheduler,
                                  self.fingerprint, extra, sharded=self.sharded)
             ckpt.rotate(self.folder, self.train.save_total_limit)
+            publish_checkpoints(self.folder, self.train.save_total_limit)  # an object store: upload it now
         self.accelerator.wait_for_everyone()  # nobody races ahead to a resume or deletion of a half-written folder

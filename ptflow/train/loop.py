@@ -58,6 +58,7 @@ from ptflow.train.build import (
     build_scheduler,
 )
 from ptflow.train.checkpoint import adopt_checkpoints
+from ptflow.train.checkpoint_sync import pull_checkpoints
 from ptflow.train.checkpointer import Checkpointer
 from ptflow.train.compile_cache import compile_caches_in
 from ptflow.train.device import check_device, eval_device, train_on_cpu
@@ -124,6 +125,7 @@ def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset
     def build(folder: Path) -> dict:
         fingerprint = {"dataset": dataset.digest, "tokenizer": tokenizer.digest,
                        "train_config": sha256_json(parts["config"])[:16]}
+        pull_checkpoints(folder)  # an object store: its newest checkpoint, when another machine got further
         adopt_checkpoints(folder, fingerprint)
         world = resolve_num_processes(train.num_processes, train.use_cpu)
         with compile_caches_in(layout.compile_cache()):

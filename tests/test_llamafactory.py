@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ptflow.config import lfrules
 from ptflow.config import llamafactory as lf
 from ptflow.config.loading import load_config
 from ptflow.config.schema import SECTIONS, TOP_LEVEL, validate_config
@@ -79,22 +80,61 @@ def test_schema_keys_are_unique_across_sections_and_top_level():
     assert not twice, f"{twice} are in more than one section: a flat LLaMA-Factory key must name one ptflow key"
 
 
-def test_rules_only_hold_keys_the_schema_lacks():
-    shadowed = sorted(set(lf.RULES) & set(lf.owners()))
-    assert not shadowed, (f"ptflow's schema has {shadowed} now: remove them from ptflow/config/llamafactory.py RULES (schema "
-                          "keys are routed by name) and regenerate docs/llamafactory.md")
+def test_the_rule_file_fits_the_schema():
+    """What the loader cannot check alone: the rule file against ptflow's schema as it is now."""
+    names = lf.owners()
+    shadowed = sorted(set(lf.RULES) & set(names))
+    assert not shadowed, (f"ptflow's schema has {shadowed} now: remove them from ptflow/config/llamafactory.yaml rules "
+                          "(schema keys are routed by name) and regenerate docs/llamafactory.md")
+    missing = [k for group in lf.SAME_NAMES.values() for k in group if k not in names]
+    assert not missing, f"{missing} left the schema: give them a rule in ptflow/config/llamafactory.yaml"
+    same = {k for group in lf.SAME_NAMES.values() for k in group}
+    assert sorted(set(lf.DIFFERENCES) - same) == [], "differences are for same-named keys only"
+    assert sorted(set(lf.LF_DEFAULTS) - same - set(lf.RULES)) == [], "a default for a key the mapping does not know"
+    shadowing_prefixes = sorted(p for p in lf.PREFIXES if any(name.startswith(p) for name in names))
+    assert not shadowing_prefixes, f"{shadowing_prefixes} would swallow ptflow keys: schema keys win, narrow the prefix"
 
 
-def test_same_names_are_schema_keys():
-    missing = [k for names in lf.SAME_NAMES.values() for k in names if k not in lf.owners()]
-    assert not missing, f"{missing} left the schema: give them a rule in ptflow/config/llamafactory.py RULES"
+RULE_TEXT = lfrules.RULE_FILE.read_text()
+DELETE = object()
+FIRST_MAPPED = next(i for i, e in enumerate(yaml.safe_load(RULE_TEXT)["rules"]) if e["action"] == "mapped")
 
 
-def test_every_rule_key_is_classified_and_documented_in_code():
-    for key in lf.known_keys():
-        state, _, why = lf.status(key)
-        assert state in lf.STATUSES
-        assert state.startswith("supported") or why, key
+def corrupt(path: str, value):
+    """The shipped rule file with one field replaced (`rules.3.action`), or removed when value is DELETE."""
+    data = yaml.safe_load(RULE_TEXT)
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node = data
+    for p in parents:
+        node = node[p]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("rules.1.action", "rejectd", r"rules\[1\] \(\w+\): action 'rejectd': use one of mapped, ignored, rejected"),
+    ("rules.1.group", "tokenizer", r"rules\[1\] \(\w+\): group 'tokenizer': use one of model, data"),
+    ("rules.1.why", DELETE, r"rules\[1\] \(\w+\): why: give the reason"),
+    (f"rules.{FIRST_MAPPED}.convert", "sdpa", r"convert 'sdpa': use one of copy, negate"),
+    (f"rules.{FIRST_MAPPED}.to", ["model.flash"], r"to \['model.flash'\]: a mapped key names the ptflow keys"),
+    ("rules.2.keys", {"stage": []}, r"rules\[2\] \(stage\): stage is already in an earlier entry"),
+    ("prefixes.0.because", "x", r"prefixes\[0\] \(.*\): unknown field 'because'"),
+    ("defaults.logging_steps.target", "train.log_steps", r"defaults.logging_steps: target 'train.log_steps'"),
+    ("differences", DELETE, r"expected the top-level keys groups, rules"),
+])
+def test_a_malformed_rule_file_fails_naming_the_entry(path, value, message):
+    with pytest.raises(lfrules.RuleFileError, match=message):
+        lfrules.parse(corrupt(path, value), "llamafactory.yaml")
+
+
+def test_an_unreadable_rule_file_fails_at_load(tmp_path):
+    path = tmp_path / "llamafactory.yaml"
+    path.write_text("rules: [\n")
+    with pytest.raises(lfrules.RuleFileError, match="(?s)cannot read the LLaMA-Factory rule file .*reinstall ptflow"):
+        lfrules.load(path)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -255,36 +295,75 @@ def test_warmup_steps_fraction_and_nulls(tmp_path, tiny_model_dir, tiny_data_dir
     assert cfg.train.resume_from_checkpoint == "auto" and cfg.data.max_samples is None
 
 
-# -- every ignored and rejected key ---------------------------------------------------------------------------------
+# -- the engine: one rule of each kind, made up here so the engine is tested apart from the shipped rules ---------
 
-IGNORED = sorted(k for k, r in lf.RULES.items() if r.action == "ignored")
-REJECTED = sorted(k for k, r in lf.RULES.items() if r.action == "rejected")
-PREFIXED = sorted(f"{prefix}example" for prefix in lf.PREFIXES)
+RULE_KINDS = {
+    "ignored": lfrules.Rule("ignored", "training", "a reason to ignore it", quiet=(7,)),
+    "rejected": lfrules.Rule("rejected", "training", "a reason to refuse it: do this instead", quiet=("ok",)),
+    "mapped": lfrules.Rule("mapped", "training", "a renamed switch", to=("train.use_cpu",), convert="negate"),
+}
 
 
-@pytest.mark.parametrize("key", IGNORED + PREFIXED)
-def test_ignored_key_warns_with_the_reason(key, tiny_model_dir, tiny_data_dir):
-    rule = lf.rule_for(key)
-    text = minimal(tiny_model_dir, tiny_data_dir, **{key: rule.trigger()})
-    result = converted(text)
+@pytest.fixture
+def rule(monkeypatch):
+    """Install a made-up rule of one kind under the key `lf_test_key`."""
+    def install(kind: str) -> None:
+        monkeypatch.setitem(lf.RULES, "lf_test_key", RULE_KINDS[kind])
+    return install
+
+
+def test_an_ignored_key_warns_with_its_reason_and_reaches_no_section(rule, tiny_model_dir, tiny_data_dir):
+    rule("ignored")
+    result = converted(minimal(tiny_model_dir, tiny_data_dir, lf_test_key=8))
     assert not result.problems
-    assert notes(result, "warning")[key] == f"ignored: {rule.why}"
-    validate_config(result.raw, "test")  # nothing of it reaches the sections
+    assert notes(result, "warning")["lf_test_key"] == "ignored: a reason to ignore it"
+    assert "lf_test_key" not in json.dumps(result.raw)
+    validate_config(result.raw, "test")
 
 
-@pytest.mark.parametrize("key", REJECTED)
-def test_rejected_key_fails_with_the_reason(key, tmp_path, tiny_model_dir, tiny_data_dir):
-    rule = lf.RULES[key]
-    with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, **{key: rule.trigger()})))
-    [problem] = info.value.problems
-    assert problem.startswith(f"{key} (line 14): got ") and problem.endswith(rule.why)
+def test_a_quiet_value_passes_without_a_warning(rule, tiny_model_dir, tiny_data_dir):
+    for kind, quiet in (("ignored", 7), ("rejected", "ok")):
+        rule(kind)
+        result = converted(minimal(tiny_model_dir, tiny_data_dir, lf_test_key=quiet))
+        assert not result.problems and "lf_test_key" not in notes(result, "warning"), kind
+        assert notes(result, "mapped")["lf_test_key"].endswith(": nothing to do"), kind
 
 
-@pytest.mark.parametrize("key", sorted(k for k, r in lf.RULES.items() if r.action != "mapped" and r.quiet))
-def test_llamafactory_default_values_pass_quietly(key, tiny_model_dir, tiny_data_dir):
-    result = converted(minimal(tiny_model_dir, tiny_data_dir, **{key: lf.RULES[key].quiet[0]}))
-    assert not result.problems and key not in notes(result, "warning")
+def test_a_rejected_key_fails_with_its_reason_line_and_value(rule, tiny_model_dir, tiny_data_dir):
+    rule("rejected")
+    result = converted(minimal(tiny_model_dir, tiny_data_dir, lf_test_key="nope"))
+    assert result.problems == ["lf_test_key (line 14): got nope; a reason to refuse it: do this instead"]
+
+
+def test_a_mapped_key_runs_its_converter_and_names_the_target(rule, tiny_model_dir, tiny_data_dir):
+    rule("mapped")
+    result = converted(minimal(tiny_model_dir, tiny_data_dir, lf_test_key=False))
+    assert result.raw["train"]["use_cpu"] is True and result.origin["train.use_cpu"] == "lf_test_key"
+    assert notes(result, "mapped")["lf_test_key"] == "-> train.use_cpu = True"
+    bad = converted(minimal(tiny_model_dir, tiny_data_dir, lf_test_key="maybe"))
+    assert bad.problems == ["lf_test_key (line 14): got 'maybe'; expected true or false"]  # the converter's Unsupported
+
+
+def test_a_prefix_family_key_takes_the_family_rule(tiny_model_dir, tiny_data_dir, monkeypatch):
+    monkeypatch.setitem(lf.PREFIXES, "lftest_", RULE_KINDS["ignored"])
+    result = converted(minimal(tiny_model_dir, tiny_data_dir, lftest_anything=1))
+    assert notes(result, "warning")["lftest_anything"] == "ignored: a reason to ignore it" and not result.problems
+
+
+def test_a_default_applies_only_when_the_key_is_absent(tiny_model_dir, tiny_data_dir, monkeypatch):
+    monkeypatch.setitem(lf.LF_DEFAULTS, "save_steps", lfrules.Default("train.save_steps", 123, "a test default"))
+    absent = converted(minimal(tiny_model_dir, tiny_data_dir))
+    assert absent.raw["train"]["save_steps"] == 123 and absent.defaulted["train.save_steps"] == "a test default"
+    assert notes(absent, "default")["save_steps"] == "absent -> train.save_steps = 123 (a test default)"
+    given = converted(minimal(tiny_model_dir, tiny_data_dir, save_steps=9))
+    assert given.raw["train"]["save_steps"] == 9 and "save_steps" not in notes(given, "default")
+
+
+def test_a_difference_is_noted_when_a_same_named_key_is_set(tiny_model_dir, tiny_data_dir, monkeypatch):
+    monkeypatch.setitem(lf.DIFFERENCES, "save_steps", "a test difference")
+    result = converted(minimal(tiny_model_dir, tiny_data_dir, save_steps=9))
+    assert notes(result, "differs")["save_steps"] == "a test difference"
+    assert "save_steps" not in notes(converted(minimal(tiny_model_dir, tiny_data_dir)), "differs")
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -623,6 +702,9 @@ def test_doc_table_lists_every_known_key_with_its_status():
     wrong = {k: (rows[k], lf.status(k)[0]) for k in known if rows[k] != lf.status(k)[0]}
     assert not wrong, f"stale status in docs/llamafactory.md: {wrong}"
     assert lf.reference_table() in doc, regenerate
+    defaults = doc.split("### Defaults that differ")[1].split("\n\n|")[1].split("\n\n")[0]
+    listed = {re.match(r"\|? ?`(\w+)`", row).group(1) for row in defaults.splitlines()[1:] if "`" in row[:4]}
+    assert sorted(set(lf.LF_DEFAULTS) - listed) == [], "add these rule-file defaults to docs' Defaults that differ"
 
 
 def test_the_llamafactory_example_config_is_the_quickstart():

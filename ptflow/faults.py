@@ -3,9 +3,10 @@
 Production code marks points with `faults.point(name)`; with no fault configured a point is one
 comparison of two strings. Points: `<stage>:built` (the stage's files are written, its manifest
 not yet: a crash mid-write), `train:step-<n>` (right after optimizer step n), `checkpoint:writing-<n>`
-(checkpoint n's weights written, the rest not), and on an object store `<stage>:uploading`
-(the entry's files uploaded, its manifest not yet) and `checkpoint:uploading-<n>` (its files
-uploaded, its ptflow_checkpoint.json not yet).
+(checkpoint n's weights written, the rest not), `tokenize:stored-<n>` (the preparing process has received
+the n-th shard it tokenized in this run, that shard in the store; worker processes may be mid-shard), and
+on an object store `<stage>:uploading` (the entry's files uploaded, its manifest not yet) and
+`checkpoint:uploading-<n>` (its files uploaded, its ptflow_checkpoint.json not yet).
 
     PTFLOW_KILL_AT=<point>               SIGKILL this process there (a crash, as kill -9)
     PTFLOW_FAIL_AT=<point>               raise an InjectedFault there (a failing task)

@@ -20,6 +20,7 @@ from tiny_assets import (
     copy_tokenizer,
     tiny_llama_config,
     write_dataset_info,
+    write_repeated_corpus,
 )
 
 # No test may reach the network: make the Hub client cache-only before anything imports it.
@@ -109,3 +110,20 @@ def tokenizer_artifact(tiny_model_dir, session_layout):
     from ptflow.data.tokenizer import load_tokenizer
 
     return load_tokenizer(ModelSection(model_name_or_path=str(tiny_model_dir)), session_layout)
+
+
+@pytest.fixture(scope="session")
+def repeated_data_dir(tmp_path_factory) -> Path:
+    """Dataset `rep`: the three test documents repeated 10 times, 480 tokens."""
+    return write_repeated_corpus(tmp_path_factory.mktemp("repeated"))
+
+
+@pytest.fixture(scope="session")
+def repeated_dataset(repeated_data_dir, tokenizer_artifact, session_layout):
+    """`rep` packed to cutoff_len 16: 30 blocks, read-only, shared by the training tests (test_train.py,
+    test_launch.py)."""
+    from ptflow.config.schema import DataSection
+    from ptflow.data.dataset import prepare_dataset
+
+    return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(repeated_data_dir), cutoff_len=16),
+                           tokenizer_artifact, session_layout)

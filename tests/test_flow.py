@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -26,20 +25,13 @@ def prefect_api():
         yield
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tmp_path_factory.mktemp("store")
-
-
-def run_flow(store: Path, *extra: str) -> tuple[dict, float]:
+def run_flow(store: Path, *extra: str) -> dict:
     from flows.pretrain import pretrain
 
     overrides = [f"store={store}", "train.max_steps=30", "train.save_steps=20", "train.eval_steps=15",
                  "train.logging_steps=5", f"model.model_name_or_path={ROOT / 'configs/quickstart/model'}",
                  f"data.dataset_dir={ROOT / 'configs/quickstart/data'}", *extra]
-    started = time.perf_counter()
-    summary = pretrain(config_path=str(QUICKSTART), overrides=overrides)
-    return summary, time.perf_counter() - started
+    return pretrain(config_path=str(QUICKSTART), overrides=overrides)
 
 
 def verdicts(summary: dict) -> dict[str, str]:
@@ -47,12 +39,21 @@ def verdicts(summary: dict) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_api, store):
-    return run_flow(store)
+def first_run(prefect_api, tmp_path_factory) -> dict:
+    """One run into an empty store: the expensive part, shared read-only (no test runs the flow on this store)."""
+    return run_flow(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture
+def store(first_run, tmp_path) -> Path:
+    """A store holding exactly what the first run left, this test's own to change."""
+    import shutil
+
+    return shutil.copytree(first_run["store"], tmp_path / "store", symlinks=True)
 
 
 def test_first_run_trains_and_writes_every_output(first_run):
-    summary, _ = first_run
+    summary = first_run
     assert verdicts(summary) == {stage: "miss" for stage in STAGES}
     assert summary["final_loss"] < summary["first_loss"] - 0.5
     assert math.isfinite(summary["perplexity"]) and summary["perplexity"] == pytest.approx(math.exp(summary["eval_loss"]))
@@ -68,7 +69,7 @@ def test_first_run_trains_and_writes_every_output(first_run):
     assert {"train_loss", "eval_loss", "perplexity", "epoch"} <= set(results)
 
 
-def test_second_run_reuses_every_stage_computing_each_key_once(first_run, store, monkeypatch):
+def test_second_run_reuses_every_stage_computing_each_key_once_even_from_a_copied_store(store, monkeypatch):
     from ptflow.store.stage import Stage
 
     computed: list[str] = []
@@ -79,31 +80,22 @@ def test_second_run_reuses_every_stage_computing_each_key_once(first_run, store,
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Stage, "key_parts", counting)
-    summary, _ = run_flow(store)
+    summary = run_flow(store)  # a copy of the first run's store, elsewhere: it is self-contained
     assert verdicts(summary) == {stage: "hit" for stage in STAGES}
     assert sorted(computed) == sorted(STAGES)  # one key computation per stage per run
     assert all(row["reason"] == "all key components unchanged" for row in summary["stages"])
+    assert all(Path(row["path"]).is_relative_to(store) for row in summary["stages"])
 
 
-def test_a_copied_store_is_self_contained(first_run, store, tmp_path):
-    import shutil
-
-    copy = tmp_path / "moved-store"
-    shutil.copytree(store, copy, symlinks=True)
-    summary, _ = run_flow(copy)
-    assert verdicts(summary) == {stage: "hit" for stage in STAGES}
-    assert all(Path(row["path"]).is_relative_to(copy) for row in summary["stages"])
-
-
-def test_changing_cutoff_len_redoes_data_and_later_stages_only(first_run, store):
-    summary, _ = run_flow(store, "data.cutoff_len=128")
+def test_changing_cutoff_len_redoes_data_and_later_stages_only(store):
+    summary = run_flow(store, "data.cutoff_len=128")
     rows = {row["stage"]: row for row in summary["stages"]}
     assert rows["load_tokenizer"]["cache"] == "hit"
     assert {s: rows[s]["cache"] for s in STAGES[1:]} == {s: "miss" for s in STAGES[1:]}
     assert "config.cutoff_len: 256 -> 128" in rows["prepare_dataset"]["reason"]
 
 
-def test_bad_config_fails_before_any_stage(first_run, store):
+def test_bad_config_fails_before_any_stage(store):
     from ptflow.errors import ConfigError
 
     before = sorted(p.name for p in (store / "cache").iterdir())
@@ -112,12 +104,12 @@ def test_bad_config_fails_before_any_stage(first_run, store):
     assert sorted(p.name for p in (store / "cache").iterdir()) == before
 
 
-def test_forced_stage_is_rebuilt_named_so_and_identical_output_lets_training_hit(first_run, store):
+def test_forced_stage_is_rebuilt_named_so_and_identical_output_lets_training_hit(store):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
-    summary, _ = run_flow(store, "orchestration.force=[prepare_dataset]")
+    summary = run_flow(store, "orchestration.force=[prepare_dataset]")
     rows = {row["stage"]: row for row in summary["stages"]}
     assert (rows["prepare_dataset"]["cache"], rows["prepare_dataset"]["reason"]) == (
         "miss", "forced by orchestration.force/from_stage")

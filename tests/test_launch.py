@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_assets import ASSETS, write_dataset_info
+from tiny_assets import ASSETS, Interrupted, stop_at, write_dataset_info
 
 from ptflow.config.schema import DataSection, ModelSection, TrainSection
 from ptflow.data.dataset import prepare_dataset
@@ -19,12 +19,8 @@ pytestmark = pytest.mark.integration  # two extra Python processes: ~20 s on 2 c
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, tokenizer_artifact, session_layout):
-    folder = tmp_path_factory.mktemp("ddp-data")
-    (folder / "rep.jsonl").write_text((ASSETS / "three_docs.jsonl").read_text() * 10)
-    write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})
-    return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(folder), cutoff_len=16), tokenizer_artifact,
-                           session_layout)
+def dataset(repeated_dataset):
+    return repeated_dataset  # conftest.py: 30 blocks of 16
 
 
 def settings(**kw) -> TrainSection:
@@ -63,14 +59,10 @@ def test_an_interrupted_launch_ends_torchrun_and_every_rank(tiny_model_dir, toke
     """Ctrl-C or SIGTERM in the parent (raised in its relay loop): the whole torchrun group is ended."""
     model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
 
-    def stop_at_step_2(record: dict) -> None:
-        if record.get("current_steps") == 2:
-            raise KeyboardInterrupt
-
     layout = Layout(tmp_path / "d")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         train(model, settings(num_processes=2, per_device_train_batch_size=2, max_steps=200), tokenizer_artifact,
-              dataset, layout, on_log=stop_at_step_2)
+              dataset, layout, on_log=stop_at(2))
     marker = str(layout.root).encode()
     left = []
     for entry in Path("/proc").iterdir():

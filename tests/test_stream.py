@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny_assets import ASSETS, QUICKSTART, stop_at, write_dataset_info
+from tiny_assets import ASSETS, QUICKSTART, Interrupted, stop_at, write_dataset_info
 
 from ptflow.config.schema import (
     DataSection,
@@ -305,7 +305,7 @@ def test_training_from_a_stream_resumes_exactly_after_an_interruption(tiny_model
     assert any("eval_loss" in r for r in log_of(reference_run.dir))
 
     layout = Layout(tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         train(scratch, stream_train(), tokenizer_artifact, streamed, layout, on_log=stop_at(7))
     work = layout.work("train", reference_run.key)
     meta = json.loads((work / "checkpoint-6" / "ptflow_checkpoint.json").read_text())
@@ -325,7 +325,7 @@ def test_a_checkpoint_without_a_data_cursor_is_refused_for_a_stream(tiny_model_d
 
     scratch = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
     layout = Layout(tmp_path / "c")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         train(scratch, stream_train(), tokenizer_artifact, streamed, layout, on_log=stop_at(4))
     meta_path = next(layout.stage_dir("train").glob("*.work")) / "checkpoint-3" / "ptflow_checkpoint.json"
     meta = json.loads(meta_path.read_text())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_assets import ASSETS, write_dataset_info
+from tiny_assets import Interrupted, stop_at
 
 from ptflow.config.schema import DataSection, ModelSection, TrainSection
 from ptflow.data.dataset import prepare_dataset
@@ -33,17 +33,8 @@ STEPS, SAVE = 12, 4
 
 
 @pytest.fixture(scope="module")
-def repeated_data_dir(tmp_path_factory):
-    """The three test documents repeated 10 times: 480 tokens, 30 blocks of 16."""
-    folder = tmp_path_factory.mktemp("repeated")
-    (folder / "rep.jsonl").write_text((ASSETS / "three_docs.jsonl").read_text() * 10)
-    return write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})
-
-
-@pytest.fixture(scope="module")
-def dataset(repeated_data_dir, tokenizer_artifact, session_layout):
-    return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(repeated_data_dir), cutoff_len=16),
-                           tokenizer_artifact, session_layout)
+def dataset(repeated_dataset):
+    return repeated_dataset  # conftest.py: 30 blocks of 16
 
 
 @pytest.fixture(scope="module")
@@ -132,29 +123,23 @@ def test_output_model_loads_with_transformers(run_a, dataset):
     assert loss == pytest.approx(run_a.stats["final_loss"], abs=0.5)
 
 
-def test_second_call_hits_and_cadence_does_not_change_the_key(run_a, scratch, tokenizer_artifact, dataset):
-    layout = Layout(run_a.dir.parents[2])
+@pytest.fixture
+def store_a(run_a, tmp_path) -> Layout:
+    """A copy of run_a's store (run_a's own stays as it finished, for the tests that compare with it)."""
+    return Layout(shutil.copytree(run_a.dir.parents[2], tmp_path / "store-a", symlinks=True))
+
+
+def test_second_call_hits_and_cadence_does_not_change_the_key(run_a, scratch, tokenizer_artifact, dataset, store_a):
+    layout = store_a
     again = train(scratch, settings(logging_steps=3, save_steps=5, resume_from_checkpoint=False), tokenizer_artifact,
                   dataset, layout)
     assert (again.hit, again.key) == (True, run_a.key)
 
 
-def test_changed_hyperparameter_misses_and_names_it(run_a, scratch, tokenizer_artifact, dataset):
-    other = train(scratch, settings(learning_rate=1e-3), tokenizer_artifact, dataset, Layout(run_a.dir.parents[2]))
+def test_changed_hyperparameter_misses_and_names_it(run_a, scratch, tokenizer_artifact, dataset, store_a):
+    other = train(scratch, settings(learning_rate=1e-3), tokenizer_artifact, dataset, store_a)
     assert not other.hit and other.key != run_a.key
     assert other.reason == "changed config.train.learning_rate: 0.003 -> 0.001"
-
-
-class Interrupt(KeyboardInterrupt):
-    pass
-
-
-def interrupt_at(step: int):
-    def on_log(record: dict) -> None:
-        if record["current_steps"] == step:
-            raise Interrupt(f"killed at step {step}")
-
-    return on_log
 
 
 def assert_same_run(folder, reference) -> None:
@@ -172,8 +157,8 @@ def assert_same_run(folder, reference) -> None:
 
 def test_interrupted_run_resumes_from_the_newest_checkpoint_exactly(run_a, scratch, tokenizer_artifact, dataset,
                                                                     layout):
-    with pytest.raises(Interrupt):
-        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(10))
+    with pytest.raises(Interrupted):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=stop_at(10))
     key = run_a.key
     assert children(layout) == [f"{key}.work"]  # nothing published; the work folder keeps its checkpoints
     work = layout.work("train", key)
@@ -188,8 +173,8 @@ def test_interrupted_run_resumes_from_the_newest_checkpoint_exactly(run_a, scrat
 
 
 def test_torn_checkpoint_is_skipped_for_the_previous_one(run_a, scratch, tokenizer_artifact, dataset, layout):
-    with pytest.raises(Interrupt):
-        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(10))
+    with pytest.raises(Interrupted):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=stop_at(10))
     work = layout.work("train", run_a.key)
     (work / "checkpoint-8" / META).unlink()  # killed while writing checkpoint-8
     resumed = train(scratch, settings(), tokenizer_artifact, dataset, layout)
@@ -199,8 +184,8 @@ def test_torn_checkpoint_is_skipped_for_the_previous_one(run_a, scratch, tokeniz
 
 
 def test_resume_false_starts_over(run_a, scratch, tokenizer_artifact, dataset, layout):
-    with pytest.raises(Interrupt):
-        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(6))
+    with pytest.raises(Interrupted):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=stop_at(6))
     fresh = train(scratch, settings(resume_from_checkpoint=False), tokenizer_artifact, dataset, layout)
     assert fresh.stats["resumed_from"] is None
     assert_same_run(fresh.dir, run_a.dir)
@@ -395,8 +380,8 @@ def test_key_holds_no_source_code_and_no_device_count(scratch, tokenizer_artifac
 
 def test_a_changed_key_resumes_the_same_work_by_its_fingerprint(run_a, scratch, tokenizer_artifact, dataset, layout,
                                                                 monkeypatch, caplog):
-    with pytest.raises(Interrupt):
-        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(10))
+    with pytest.raises(Interrupted):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=stop_at(10))
     old = layout.work("train", run_a.key)
     # A format-version bump (or a library upgrade on the worker) gives the same run a new key ...
     monkeypatch.setattr(training, "STAGE", training.STAGE.__class__(**{**training.STAGE.__dict__, "version": 99}))
@@ -411,11 +396,11 @@ def test_a_changed_key_resumes_the_same_work_by_its_fingerprint(run_a, scratch, 
 
 
 def test_work_of_another_dataset_is_not_adopted(run_a, scratch, tokenizer_artifact, dataset, layout, monkeypatch):
-    with pytest.raises(Interrupt):
-        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(6))
+    with pytest.raises(Interrupted):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=stop_at(6))
     other = settings(learning_rate=settings().learning_rate * 2)  # another config: another fingerprint
-    with pytest.raises(Interrupt):
-        train(scratch, other, tokenizer_artifact, dataset, layout, on_log=interrupt_at(1))
+    with pytest.raises(Interrupted):
+        train(scratch, other, tokenizer_artifact, dataset, layout, on_log=stop_at(1))
     work = [p for p in layout.stage_dir("train").glob("*.work") if p.name != f"{run_a.key}.work"]
     assert len(work) == 1 and not list(work[0].glob("checkpoint-*"))  # started over, nothing adopted
     assert (layout.work("train", run_a.key) / "checkpoint-4").is_dir()
@@ -441,8 +426,8 @@ def flip_byte(path) -> None:
 ])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(run_a, scratch, tokenizer_artifact, dataset,
                                                                         layout, caplog, damage, problem):
-    with pytest.raises(Interrupt):
-        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=interrupt_at(10))
+    with pytest.raises(Interrupted):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=stop_at(10))
     work = layout.work("train", run_a.key)
     damage(work / "checkpoint-8")
     resumed = train(scratch, settings(), tokenizer_artifact, dataset, layout)
@@ -474,8 +459,8 @@ def test_train_loss_and_the_first_log_after_a_resume_match_an_unbroken_run(scrat
     config = settings(logging_steps=3, save_steps=4)  # checkpoint-4 falls between the logs at steps 3 and 6
     unbroken = train(scratch, config, tokenizer_artifact, dataset, Layout(tmp_path_factory.mktemp("unbroken")))
     layout = Layout(tmp_path_factory.mktemp("broken"))
-    with pytest.raises(Interrupt):
-        train(scratch, config, tokenizer_artifact, dataset, layout, on_log=interrupt_at(6))
+    with pytest.raises(Interrupted):
+        train(scratch, config, tokenizer_artifact, dataset, layout, on_log=stop_at(6))
     resumed = train(scratch, config, tokenizer_artifact, dataset, layout)
     assert resumed.stats["resumed_from"].endswith("checkpoint-4")
     assert losses(resumed.dir) == pytest.approx(losses(unbroken.dir), abs=1e-6)  # step 6 covers steps 4-6
@@ -490,8 +475,8 @@ def test_pure_bf16_resumes_exactly_with_stochastic_rounding(scratch, tokenizer_a
     whole = train(scratch, config, tokenizer_artifact, dataset, Layout(tmp_path / "whole"))
     assert whole.stats["precision"] == "pure bf16"
     layout = Layout(tmp_path / "split")
-    with pytest.raises(Interrupt):
-        train(scratch, config, tokenizer_artifact, dataset, layout, on_log=interrupt_at(4))
+    with pytest.raises(Interrupted):
+        train(scratch, config, tokenizer_artifact, dataset, layout, on_log=stop_at(4))
     resumed = train(scratch, config, tokenizer_artifact, dataset, layout)
     assert resumed.stats["resumed_from"].endswith("checkpoint-3")
     assert losses(resumed.dir) == losses(whole.dir)

@@ -53,10 +53,22 @@ def write_dataset_info(data_dir: Path, entries: dict[str, dict]) -> Path:
     return data_dir
 
 
+class Interrupted(KeyboardInterrupt):
+    """What `stop_at` raises: a KeyboardInterrupt (as Ctrl-C would be) that no other code raises, so
+    `pytest.raises(Interrupted)` proves the run stopped where the test said."""
+
+
 def stop_at(step: int):
     """An on_log callback for `train` that interrupts training once `step` is logged, as a kill would."""
     def on_log(record: dict) -> None:
-        if record["current_steps"] == step:
-            raise KeyboardInterrupt(f"killed at step {step}")
+        if record.get("current_steps") == step:
+            raise Interrupted(f"killed at step {step}")
 
     return on_log
+
+
+def write_repeated_corpus(folder: Path) -> Path:
+    """The three test documents repeated 10 times as dataset `rep` (480 tokens: 30 blocks of cutoff_len 16)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rep.jsonl").write_text((ASSETS / "three_docs.jsonl").read_text() * 10)
+    return write_dataset_info(folder, {"rep": {"file_name": "rep.jsonl"}})

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ptflow import faults
 from ptflow.data.fastencode import WordEncoder
 from ptflow.data.sources import MIN_SHARD_BYTES, Shard, Source, read_shard
 from ptflow.data.tokenizer import open_tokenizer
@@ -372,11 +373,14 @@ def _needed(results: list[ShardResult | None], limit: int | None) -> list[int]:
 def _run_inline(layout, tasks, results, todo, limits, encoding, tokenizer, _workers) -> None:
     encoder = Encoder.of(tokenizer)
     progress = _progress(sum(tasks[n][i].size for n, i in todo))
+    stored = 0
     try:
         for name, i in todo:
             if i >= _prefix_needed(results[name], limits.get(name)):
                 continue  # max_samples reached with the shards before this one
             results[name][i] = tokenize_shard(layout, tasks[name][i], encoder, encoding)
+            stored += 1
+            faults.point(f"tokenize:stored-{stored}")
             progress.update(tasks[name][i].size)
     finally:
         progress.close()
@@ -386,6 +390,7 @@ def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, worker
     progress = _progress(sum(tasks[n][i].size for n, i in todo))
     pool = WorkerPool(workers, worker_state, (encoding, str(layout.root)))
     futures: dict[Future, tuple[str, int]] = {}
+    stored = 0  # shard results this process has received from its workers (each in the store by then)
     try:
         # max_samples sources first and in order (their later shards may be cancelled), then largest first
         order = sorted(todo, key=lambda t: (t[0] not in limits, t[1] if t[0] in limits else -tasks[t[0]][t[1]].size))
@@ -399,6 +404,8 @@ def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, worker
                     continue
                 name, i = futures[future]
                 results[name][i] = future.result()  # a worker's DataError is raised here, finished shards stay
+                stored += 1
+                faults.point(f"tokenize:stored-{stored}")
                 progress.update(tasks[name][i].size)
                 if limits.get(name) is not None:
                     enough = _prefix_needed(results[name], limits[name])

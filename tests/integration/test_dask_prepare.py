@@ -6,11 +6,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("distributed")
-pytest.importorskip("prefect_dask")
-
 from distributed import LocalCluster  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402

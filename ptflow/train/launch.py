@@ -13,6 +13,7 @@ same work folder; only rank 0 writes logs, checkpoints and the final model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +22,9 @@ from pathlib import Path
 
 from ptflow import child, errors
 from ptflow.errors import PtflowError, TrainingError
+from ptflow.train.metrics import fmt
+
+log = logging.getLogger("ptflow.train")
 
 SPEC, STATS, ERROR = ".launch-spec.json", ".launch-stats.json", ".launch-error.json"
 
@@ -61,14 +65,18 @@ def launch_training(folder: Path, spec: dict, num_processes: int, on_log: Callab
 
 
 def _relay(log_path: Path, already: int, on_log: Callable[[dict], None] | None) -> int:
-    """Pass trainer_log.jsonl records written since the last call to `on_log`; returns the count seen."""
-    if on_log is None or not log_path.exists():
+    """Log rank 0's trainer_log.jsonl records written since the last call, here in the launching process (the one
+    Prefect watches, so the lines reach the run's logs and the UI), and pass them to `on_log`; returns the count."""
+    if not log_path.exists():
         return already
     text = log_path.read_text()
     lines = text.splitlines()
     complete = lines if text.endswith("\n") else lines[:-1]  # a line still being written waits for the next call
     for line in complete[already:]:
-        on_log(json.loads(line))
+        record = json.loads(line)
+        log.info("train: %s (rank 0)", fmt(record))
+        if on_log is not None:
+            on_log(record)
     return max(already, len(complete))
 
 

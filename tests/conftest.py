@@ -127,3 +127,15 @@ def repeated_dataset(repeated_data_dir, tokenizer_artifact, session_layout):
 
     return prepare_dataset(DataSection(dataset="rep", dataset_dir=str(repeated_data_dir), cutoff_len=16),
                            tokenizer_artifact, session_layout)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API for every test that runs a flow (each server start costs seconds here).
+
+    Tests on it pick their own runs (by id or name), never "the newest run", so sharing it is safe.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -17,14 +17,6 @@ OUTPUT_FILES = ["model.safetensors", "config.json", "tokenizer.json", "tokenizer
                 "training_loss.png", "training_eval_loss.png", "README.md", "checkpoint-20"]
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
 def run_flow(store: Path, *extra: str) -> dict:
     from flows.pretrain import pretrain
 

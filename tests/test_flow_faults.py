@@ -22,14 +22,6 @@ from ptflow.store.layout import Layout
 from tasks.policy import STAGE_OPTIONS
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
 def flaky(failures: list[BaseException], calls: list[int]):
     """The real load_tokenizer, raising the given errors on its first calls."""
     real = tokenizer_stage.load_tokenizer

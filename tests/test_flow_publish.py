@@ -19,20 +19,11 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import yaml
 from hub_standin import serve_hub
 
 SENTINEL = "hf_SENTINEL" + uuid.uuid4().hex
 DATA_URI = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 def write_config(path: Path, store: Path, model_dir: Path, data_dir: Path, **sections) -> Path:

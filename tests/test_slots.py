@@ -13,14 +13,6 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from tasks import slots
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def embedded(monkeypatch, tmp_path):
     """The embedded-mode path (the harness itself is a server URL), holder files under tmp_path."""

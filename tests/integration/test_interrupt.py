@@ -28,9 +28,9 @@ from conftest import ROOT, cli_env, run_cli
 
 from ptflow.store.entries import read_manifest
 
-FAST = ["train.max_steps=10", "train.save_steps=4", "train.logging_steps=1", "train.eval_steps=100",
+FAST = ["train.max_steps=40", "train.save_steps=4", "train.logging_steps=1", "train.eval_steps=100",
         "train.per_device_train_batch_size=4", "data.cutoff_len=64", "run_name=interrupt"]
-STOP_AFTER = "train: step 6/10"  # checkpoint-4 is written; the signal lands in step 7
+STOP_AFTER = "train: step 6/40"  # checkpoint-4 is written; 34 steps remain for the signal to land in
 FINAL = {"COMPLETED", "CRASHED", "CANCELLED", "FAILED"}
 
 
@@ -188,4 +188,4 @@ def test_kill_9_of_the_cli_then_the_same_command_resumes_without_waiting(tmp_pat
     print(f"kill -9: the re-run took {time.monotonic() - started:.1f} s")
     assert re.search(r"released ptflow-train-interrupt, left taken by flow run \S+ \(.*pid \d+", output), output[-3000:]
     runs = run_cli(env, "runs")
-    assert re.search(r"^interrupt\s+completed\s+10\s", runs.stdout, re.MULTILINE), runs.stdout
+    assert re.search(r"^interrupt\s+completed\s+40\s", runs.stdout, re.MULTILINE), runs.stdout

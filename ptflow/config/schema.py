@@ -33,6 +33,13 @@ QUOTE = reprlib.Repr()  # a bounded echo of a bad value (an alias bomb expands e
 QUOTE.maxlevel, QUOTE.maxlist, QUOTE.maxdict, QUOTE.maxstring, QUOTE.maxother = 2, 6, 6, 80, 80
 
 
+def _comma_list(value: Any) -> Any:
+    """`a, b` -> ["a", "b"], as LLaMA-Factory writes lists of names; anything else is left to the type check."""
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are checked on assignment too."""
 
@@ -134,9 +141,7 @@ class DataSection(Section):
     @field_validator("dataset", "eval_dataset", "interleave_probs", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
+        return _comma_list(value)
 
     @field_validator("dataset")
     @classmethod
@@ -300,9 +305,7 @@ class TrainSection(Section):
     @field_validator("freeze_trainable_modules", "lora_target", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
+        return _comma_list(value)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainSection":
@@ -381,9 +384,7 @@ class OrchestrationSection(Section):
     @field_validator("force", mode="before")
     @classmethod
     def _split_stages(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
+        return _comma_list(value)
 
     @field_validator("force")
     @classmethod

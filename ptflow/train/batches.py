@@ -23,10 +23,15 @@ from ptflow.train.eval_loss import batch_tensors, document_positions
 
 @dataclass
 class StepBatch:
-    """One optimizer step on this rank: micro-batches (ids, labels, mask, positions) and its labelled tokens."""
+    """One optimizer step on this rank: micro-batches (ids, labels, mask, positions) and its labelled tokens.
+
+    `count` is `labelled` already on the device, copied in the prefetch thread like the batch: building it in
+    the step from a Python number would be a blocking host-to-device copy, a GPU sync every step.
+    """
 
     micro: list[tuple]
     labelled: int
+    count: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def cut_step(blocks, lengths, doc_starts, indices: np.ndarray, cut: Slicing) -> 
         positions = None if doc_starts is None else document_positions(doc_starts, rows, cut.seq_len)
         labelled += labelled_tokens(labels)
         micro.append(tuple(None if t is None else to_device(t, cut.device) for t in (ids, labels, mask, positions)))
-    return StepBatch(micro, labelled)
+    return StepBatch(micro, labelled, to_device(torch.tensor(float(labelled)), cut.device))
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

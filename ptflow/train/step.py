@@ -26,7 +26,7 @@ from ptflow.train.kernels import attention_backend
 
 def global_labelled(batch: StepBatch, padded: bool, world: int, device: torch.device) -> torch.Tensor:
     """Labelled tokens of the whole optimizer step across ranks (one all-reduce, only when rows are padded)."""
-    count = torch.tensor(float(batch.labelled), device=device)
+    count = batch.count.clone() if batch.count is not None else torch.tensor(float(batch.labelled), device=device)
     if world > 1:
         if padded:
             dist.all_reduce(count)

@@ -334,14 +334,23 @@ def key_lock(layout: Layout, stage: str, key: str, wait: bool = True) -> Iterato
     """One builder per key across processes on this store; others wait and then reuse its result.
 
     Yields whether the lock is held: always with `wait`; without it (gc), False when someone holds it.
-    A lock file that `ptflow cache gc` removed between our open and our lock is opened again, so two
-    processes never hold locks on two different files of one key.
     """
-    path = layout.lock(stage, key)
+    with file_lock(layout.lock(stage, key), wait) as handle:
+        yield handle is not None
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[Any]:
+    """An exclusive flock on `path` (created, with its folder, when missing); yields the open file, or None when
+    `wait` is off and another process holds it. A lock file that its holder (or `ptflow cache gc`) removed
+    between our open and our lock is opened again, so two processes never hold locks on two different files
+    of one path; so a holder may delete the file before it lets go."""
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(path, "a+")
+        except FileNotFoundError:
+            continue  # its folder was removed between the mkdir and the open
         except OSError as exc:
             raise StoreError(f"cannot write to the store folder {path.parent}: {exc.strerror}. Fix its permissions, "
                              "or set `store:` in the config or PTFLOW_HOME to a writable folder.") from None
@@ -349,7 +358,7 @@ def key_lock(layout: Layout, stage: str, key: str, wait: bool = True) -> Iterato
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.close()
-            yield False
+            yield None
             return
         try:
             same = os.fstat(handle.fileno()).st_ino == path.stat().st_ino
@@ -360,7 +369,7 @@ def key_lock(layout: Layout, stage: str, key: str, wait: bool = True) -> Iterato
         handle.close()
     with handle:
         try:
-            yield True
+            yield handle
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ptflow import __version__, faults
-from ptflow.errors import PtflowError, StoreError
+from ptflow.errors import DataError, PtflowError, StoreError
 from ptflow.store import sync
 from ptflow.store.layout import MANIFEST, Layout
 
@@ -398,6 +398,17 @@ def disk_full(exc: BaseException | None, folder: Path | None = None) -> bool:
     return st.f_bavail * st.f_frsize < LOW_SPACE
 
 
+def _input_of(exc: BaseException, work: Path, layout: Layout) -> str | None:
+    """The file an OSError of a build names when it is not one the build writes (its work folder, the compile
+    cache): an input it was reading."""
+    name = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    if not name:
+        return None
+    path = Path(os.path.abspath(name))
+    written = (work.resolve(), layout.compile_cache().resolve())
+    return None if any(path == w or w in path.parents for w in written) else str(name)
+
+
 def build_or_reuse(
     layout: Layout,
     stage: str,
@@ -457,6 +468,11 @@ def build_or_reuse(
                                  f"(store {layout.root}){kept}. Free space on that disk or point `store:` "
                                  f"(or PTFLOW_HOME) at a bigger one, then re-run; finished stages stay cached. "
                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+            unreadable = _input_of(exc, work, layout)
+            if unreadable is not None:
+                raise DataError(f"{stage}: reading the input {unreadable} failed: {exc.strerror or exc}. Check that "
+                                "it exists and is readable (permissions, a mounted filesystem), then re-run; "
+                                "finished stages stay cached.") from exc
             raise StoreError(f"{stage}: writing the artifact {final} failed: {exc.strerror or exc}. "
                              f"Free space or fix permissions, then re-run; finished stages stay cached.") from exc
         sync.publish_entry(layout, stage, key, manifest, replace=bool(damage))  # object store: files, manifest

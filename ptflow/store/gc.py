@@ -1,8 +1,9 @@
 """Store hygiene: list the entries, sweep what crashes leave, and re-hash everything on request.
 
     ptflow cache list                              entries: stage, key, size, last use, the runs that use them
-    ptflow cache gc [--dry-run] [--older-than D]   stale temp folders, finished keys' work folders, idle lock
-                                                   files; with --older-than, entries no run uses, idle D days
+    ptflow cache gc [--dry-run] [--older-than D]   stale temp folders and streamed-token folders, finished keys'
+                                                   work folders, idle lock files; with --older-than, entries no
+                                                   run uses, idle D days
     ptflow cache verify [--dry-run]                re-hash every entry and every memoised input file
 
 A run's store use is fast because it trusts a file whose size and mtime are unchanged; `verify`
@@ -28,7 +29,7 @@ from ptflow.store.entries import (
     salvage,
     sha256_file,
 )
-from ptflow.store.layout import LOCK_SUFFIX, MANIFEST, TMP_PREFIX, WORK_SUFFIX, Layout
+from ptflow.store.layout import LOCK_SUFFIX, MANIFEST, TMP_PREFIX, TOKENS_INFIX, WORK_SUFFIX, Layout
 from ptflow.store.lineage import read_lineage
 
 log = logging.getLogger("ptflow.gc")
@@ -113,6 +114,8 @@ def _why_stale(layout: Layout, stage: str, path: Path, now: float, stale_tmp_s: 
     name = path.name
     if name.startswith(TMP_PREFIX) and path.is_dir() and now - path.stat().st_mtime > stale_tmp_s:
         return f"temp folder left by an interrupted write ({_age(now - path.stat().st_mtime)} old)"
+    if name.startswith(".") and TOKENS_INFIX in name and path.is_dir() and now - path.stat().st_mtime > stale_tmp_s:
+        return f"token files of a stopped streamed training run ({_age(now - path.stat().st_mtime)} untouched)"
     if name.endswith(WORK_SUFFIX) and _is_entry(layout.artifact(stage, name.removesuffix(WORK_SUFFIX))):
         return "work folder (checkpoints) of a key that has since finished"
     if name.startswith(".") and name.endswith(LOCK_SUFFIX):
@@ -121,11 +124,12 @@ def _why_stale(layout: Layout, stage: str, path: Path, now: float, stale_tmp_s: 
 
 
 def _key_of(path: Path) -> str:
-    """The key a store path belongs to: `<key>`, `<key>.work`, `.<key>.lock`, `.tmp-<key>-<pid>-<id>`."""
+    """The key a store path belongs to: `<key>`, `<key>.work`, `.<key>.lock`, `.tmp-<key>-<pid>-<id>`,
+    `.<key>.tokens-<host>`."""
     name = path.name
     if name.startswith(TMP_PREFIX):
         return name.removeprefix(TMP_PREFIX).split("-")[0]
-    return name.lstrip(".").removesuffix(LOCK_SUFFIX).removesuffix(WORK_SUFFIX)
+    return name.lstrip(".").split(".")[0]
 
 
 def _remove_unlocked(layout: Layout, stage: str, path: Path) -> bool:

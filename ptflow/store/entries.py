@@ -236,7 +236,7 @@ def lookup(layout: Layout, stage: str, key: str, verify: bool = False) -> tuple[
     digest, e.g. an intermediate training checkpoint) are dropped and the entry is still returned."""
     folder = layout.artifact(stage, key)
     if not folder.is_dir():
-        problem = sync.fetch_entry(layout, stage, key, check_files)  # an object store's entry: download it
+        problem = sync.fetch_entry(layout, stage, key, check_files, make_read_only)  # an object store's: download it
         if problem or not folder.is_dir():
             return None, f"cached entry is damaged ({problem}); rebuilding it" if problem else ""
     manifest = read_manifest(folder)

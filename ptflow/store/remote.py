@@ -125,24 +125,20 @@ class Remote:
 
     def files(self, rel: str) -> dict[str, int]:
         """Every file under `rel`, as {path relative to rel: size}; {} when there is none."""
-        folder = self.path(rel)
-        self.fs.invalidate_cache(folder)
-        try:
-            found = self._call("list", rel, self.fs.find, folder, detail=True)
-        except FileNotFoundError:
-            return {}
-        return {name[len(folder) + 1:]: info.get("size", 0) for name, info in found.items()
-                if info.get("type") != "directory" and name.startswith(folder + "/")}
+        return {name: info.get("size", 0) for name, info in self._find(rel).items()}
 
     def listing(self, rel: str) -> dict[str, float]:
         """Every file under `rel`, as {path relative to rel: last-modified time (epoch seconds)}; {} when none."""
+        return {name: _modified(info) for name, info in self._find(rel).items()}
+
+    def _find(self, rel: str) -> dict[str, dict]:
         folder = self.path(rel)
         self.fs.invalidate_cache(folder)
         try:
             found = self._call("list", rel, self.fs.find, folder, detail=True)
         except FileNotFoundError:
             return {}
-        return {name[len(folder) + 1:]: _modified(info) for name, info in found.items()
+        return {name[len(folder) + 1:]: info for name, info in found.items()
                 if info.get("type") != "directory" and name.startswith(folder + "/")}
 
     def put(self, local: Path, rel: str) -> None:

@@ -68,6 +68,20 @@ def test_gc_keeps_a_temp_folder_whose_key_is_locked(tmp_path):
     assert not tmp.exists() and list(layout.stage_dir(STAGE).iterdir()) == []  # no lock file left behind either
 
 
+def test_gc_sweeps_the_token_files_a_killed_streamed_run_left_unless_it_runs_again(tmp_path):
+    layout = Layout(tmp_path / "store")
+    key = "ab" * 16
+    tokens = Layout.node_tokens(layout.work("train", key))
+    (tokens / ("f" * 32)).mkdir(parents=True)
+    fresh = Layout.node_tokens(layout.work("train", "cd" * 16))
+    fresh.mkdir()
+    age(tokens, 2 * HOUR)
+    with key_lock(layout, "train", key):  # resumed: its ranks may read these files again
+        assert gc.collect(layout) == []
+    assert dict(gc.collect(layout))[tokens] == "token files of a stopped streamed training run (120 min untouched)"
+    assert not tokens.exists() and fresh.is_dir()
+
+
 def test_gc_removes_finished_keys_work_folders_and_idle_lock_files(tmp_path):
     layout = Layout(tmp_path / "store")
     done = build_or_reuse(layout, STAGE, components(1), build("x"))

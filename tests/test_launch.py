@@ -128,18 +128,41 @@ def test_fsdp_with_one_process_or_lora_is_refused():
 
 
 def test_a_stream_trains_the_same_on_two_processes(tiny_model_dir, tokenizer_artifact, tiny_data_dir, session_layout,
-                                                   tmp_path):
-    """Every rank reads the whole stream and keeps its rows: 2 x 2 blocks per step = 1 x 4, loss for loss."""
+                                                   tmp_path, monkeypatch):
+    """Every rank reads the whole stream and keeps its rows: 2 x 2 blocks per step = 1 x 4, loss for loss; the two
+    ranks of this node tokenize each shard once between them, and resume mid-stream to the same losses."""
+    from ptflow.data import sources
+
+    monkeypatch.setattr(sources, "MIN_SHARD_BYTES", 256)  # planned here, in the stream plan the ranks read
+    monkeypatch.setattr(sources, "MAX_SHARD_BYTES", 256)
     streamed = prepare_dataset(DataSection(dataset="stdlib_docs", dataset_dir=str(tiny_data_dir), cutoff_len=32,
-                                           streaming=True), tokenizer_artifact, session_layout)
+                                           streaming=True), tokenizer_artifact, Layout(tmp_path / "data"))
     model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
     two = train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, streamed,
                 Layout(tmp_path / "a"))
     one = train(model, settings(num_processes=1, per_device_train_batch_size=4), tokenizer_artifact, streamed,
                 Layout(tmp_path / "b"))
     assert [r["loss"] for r in log_of(two)] == pytest.approx([r["loss"] for r in log_of(one)], abs=2e-4)
-    cursor = json.loads((two.dir / "checkpoint-3" / "ptflow_checkpoint.json").read_text())["data_cursor"]
-    assert cursor["offset"] == 3 * 4 * 32  # three steps of four 32-token blocks, whichever rank wrote it
+    cursors = [json.loads((run.dir / "checkpoint-3" / "ptflow_checkpoint.json").read_text())["data_cursor"]
+               for run in (two, one)]
+    assert cursors[0] == cursors[1] and cursors[0]["shard"] > 0  # after three steps of four blocks, several shards in
+
+    (alone,) = one.stats["stream_tokenizing"]
+    ranks = two.stats["stream_tokenizing"]
+    assert alone["tokenized_shards"] >= 3 and alone["shared_shards"] == 0
+    assert [r["tokenized_shards"] + r["shared_shards"] for r in ranks] == [alone["tokenized_shards"]] * 2
+    assert sum(r["tokenized_shards"] for r in ranks) == alone["tokenized_shards"]  # once per node, not per rank
+    assert not Layout.node_tokens(Layout(tmp_path / "a").work("train", two.key)).exists()  # cleaned up
+
+    layout = Layout(tmp_path / "c")  # killed after step 4: resumes from checkpoint-3's cursor, same losses
+    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", "4")
+    with pytest.raises(TrainingError, match="injected failure after step 4"):
+        train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, streamed, layout)
+    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+    resumed = train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, streamed,
+                    layout)
+    assert resumed.stats["resumed_from"].endswith("checkpoint-3")
+    assert [r["loss"] for r in log_of(resumed)] == pytest.approx([r["loss"] for r in log_of(two)], abs=1e-5)
 
 
 @pytest.fixture(scope="module")

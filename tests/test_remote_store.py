@@ -98,6 +98,8 @@ def test_entry_built_on_one_machine_is_fetched_verified_and_reused_on_another(mo
     assert (again.dir / "blocks.bin").read_bytes() == b"\x01" * 1000
     manifest = read_manifest(again.dir)
     assert (again.dir / "blocks.bin").stat().st_mtime_ns == manifest["files"]["blocks.bin"]["mtime_ns"]
+    for fetched in (again.dir / "blocks.bin", again.dir / "sub" / "stats.json", again.dir / MANIFEST):
+        assert not fetched.stat().st_mode & 0o222, fetched  # read-only, as an entry built on this machine
 
 
 def test_a_remote_entry_without_its_manifest_is_absent_and_rebuilt(monkeypatch, tmp_path, url):

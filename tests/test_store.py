@@ -280,6 +280,26 @@ def test_an_unusable_stage_folder_is_named_not_the_store_root(layout):
         build_or_reuse(layout, STAGE, components(), Builder())
 
 
+def test_an_input_that_cannot_be_read_is_named_as_an_input_not_as_the_artifact_write(layout, tmp_path):
+    from ptflow.errors import DataError
+
+    def reads_a_vanished_input(folder):
+        (folder / "blocks.txt").write_text((tmp_path / "gone.jsonl").read_text())
+        return {}
+
+    with pytest.raises(DataError, match=rf"demo: reading the input {re.escape(str(tmp_path / 'gone.jsonl'))} failed: "
+                                        r"No such file or directory\. Check that it exists and is readable"):
+        build_or_reuse(layout, STAGE, components(), reads_a_vanished_input)
+
+    def writes_into_a_missing_subfolder(folder):
+        (folder / "no-such-dir" / "blocks.txt").write_text("x")
+        return {}
+
+    with pytest.raises(StoreError, match=r"demo: writing the artifact .* failed: No such file or directory"):
+        build_or_reuse(layout, STAGE, components(), writes_into_a_missing_subfolder)
+    assert entries(layout) == []  # neither left a temp folder
+
+
 def test_layout_paths_and_remote_roots(tmp_path, monkeypatch):
     from ptflow.errors import StoreError
     from ptflow.store.layout import Layout
@@ -288,6 +308,7 @@ def test_layout_paths_and_remote_roots(tmp_path, monkeypatch):
     assert layout.artifact("train", "k") == tmp_path / "cache" / "train" / "k"
     assert layout.work("train", "k") == tmp_path / "cache" / "train" / "k.work"
     assert layout.tmp("train", "k").name.startswith(".tmp-k-")
+    assert Layout.node_tokens(layout.work("train", "k")).name.startswith(".k.tokens-")  # beside, not in, the work
     assert layout.output_dir(None, "run") == tmp_path / "runs" / "run"
     monkeypatch.setenv("PTFLOW_HOME", str(tmp_path / "home"))
     assert Layout.resolve().root == tmp_path / "home"

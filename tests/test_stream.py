@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from ptflow.config.schema import (
 from ptflow.data import shards as shards_module
 from ptflow.data import sources as sources_module
 from ptflow.data.dataset import open_blocks, prepare_dataset
+from ptflow.data.node_tokens import NodeTokens
 from ptflow.data.packing import doc_starts, pack
 from ptflow.data.sources import resolve_sources
 from ptflow.data.stream import BlockStream, Cursor, StreamPlan, hold_out, is_streamed
@@ -371,3 +374,98 @@ def test_shards_shorter_than_a_block_still_give_the_packed_blocks(tmp_path, tok,
             starts += block_starts
     np.testing.assert_array_equal(np.concatenate(got), want)
     assert [s.tolist() for s in starts] == want_starts
+
+
+# --------------------------------------------------------------------------- ranks of a node sharing tokens
+
+
+def node_ranks(folder, plan, tok, cursor=None, workers=0) -> list[BlockStream]:
+    """Two ranks of one node (LOCAL_WORLD_SIZE 2), as torchrun's processes would make them."""
+    return [BlockStream(plan, tok, cursor, workers=workers, node=NodeTokens(str(folder), rank, 2, "tok-digest"))
+            for rank in (0, 1)]
+
+
+def shard_folders(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if folder.exists() else []
+
+
+def test_ranks_of_a_node_tokenize_each_shard_once_and_read_the_blocks_of_one_process(two_corpora, tok, small_shards,
+                                                                                    tmp_path):
+    plan = plan_for(two_corpora, shuffle_shards=True)
+    hold_out(plan, tok, 5)
+    sizes = [5] * 60 + [1800]  # small steps, then across into the second pass
+    with BlockStream(plan, tok) as alone:
+        want = [alone.take(n) for n in sizes]
+        read = alone.tokenizing["tokenized_shards"]
+    assert want[-1][2].epoch == 1 and read > len(plan.shards) - plan.start.shard
+    folder = tmp_path / "node"
+    ranks = node_ranks(folder, plan, tok)
+    for n, (blocks, starts, cursor) in zip(sizes, want):
+        for rank in ranks:  # rank 0 is always a step ahead: it tokenizes, rank 1 maps its files
+            got, got_starts, got_cursor = rank.take(n)
+            np.testing.assert_array_equal(got, blocks)
+            assert got_cursor == cursor
+        if n == 5:
+            assert len(shard_folders(folder)) <= 2  # a shard's files go once both ranks have passed it
+    for rank in ranks:
+        rank.close()
+    counts = [r.tokenizing for r in ranks]
+    assert [c["tokenized_shards"] + c["shared_shards"] for c in counts] == [read, read]  # each read every shard
+    assert counts[1]["tokenized_shards"] == 0  # the shards rank 0 tokenized, rank 1 only mapped
+    # rank 0 reached the second pass a pass ahead of rank 1, so it re-read those shards' files too
+    assert len(plan.shards) - plan.start.shard <= counts[0]["tokenized_shards"] < read
+    assert ranks[0].tokenizing["tokenize_cpu_s"] > 0 == ranks[1].tokenizing["tokenize_cpu_s"]
+    assert not folder.exists()  # every shard released by both ranks: nothing left on disk
+
+
+def test_node_ranks_with_tokenizer_workers_resume_from_a_cursor(two_corpora, tok, small_shards, tmp_path):
+    """Workers fetch shards ahead into the node's files; a resumed pair of ranks reads what one process reads."""
+    plan = plan_for(two_corpora, shuffle_shards=True)
+    with BlockStream(plan, tok) as alone:
+        alone.take(333)
+        cursor = alone.cursor()
+        want = alone.take(500)[0]
+    ranks = node_ranks(tmp_path / "node", plan, tok, cursor, workers=1)
+    try:
+        got = [[rank.take(n)[0] for n in (100, 400)] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.close()
+    for blocks in got:
+        np.testing.assert_array_equal(np.concatenate(blocks), want)
+    counts = [r.tokenizing for r in ranks]
+    fetched = counts[0]["tokenized_shards"] + counts[0]["shared_shards"]
+    assert counts[1]["tokenized_shards"] + counts[1]["shared_shards"] == fetched
+    assert counts[0]["tokenized_shards"] + counts[1]["tokenized_shards"] == fetched  # each once for the node
+    assert not (tmp_path / "node").exists()
+
+
+def test_a_rank_killed_while_writing_a_shards_tokens_leaves_nothing_another_rank_reads(two_corpora, tok, tmp_path):
+    import subprocess
+    import sys
+
+    plan = plan_for(two_corpora, dataset="b")
+    shard = plan.shards[0]
+    folder = tmp_path / "node"
+    killed = subprocess.run(
+        [sys.executable, "-c", "import sys, json, numpy as np\n"
+         "from ptflow.data.node_tokens import NodeTokens\nfrom ptflow.data.sources import Shard\n"
+         "node = NodeTokens(sys.argv[1], 1, 2, 'tok-digest')\n"
+         "node.fetch(Shard(**json.loads(sys.argv[2])), 0, lambda: (np.zeros(7, np.uint16), np.array([3, 7])))",
+         str(folder), json.dumps(shard.__dict__)],
+        env={**os.environ, "PTFLOW_KILL_AT": "stream:tokens-written"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    node = NodeTokens(str(folder), 0, 2, "tok-digest")
+    assert [p.name.split(".tmp-")[0] for p in folder.iterdir() if ".tmp-" in p.name] == [f".{node.name(shard)}"]
+    want = BlockStream(plan, tok).encoder  # the real tokens, not the killed writer's zeros
+    fetched = node.fetch(shard, 0, lambda: shards_module.encode_shard(shard, want, BlockStream(plan, tok).encoding))
+    tokens, ends = node.open(fetched)
+    assert fetched.built and len(ends) > 2 and tokens[: int(ends[0])].any()
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name]  # the half-written folder was removed
+    node.release(shard, 0)
+    assert node.open(fetched) is not None  # rank 1 has not passed it yet
+    other = NodeTokens(str(folder), 1, 2, "tok-digest")
+    assert not other.fetch(shard, 0, lambda: pytest.fail("rank 0 tokenized it already")).built
+    other.release(shard, 0)
+    assert node.open(fetched) is None and list(folder.iterdir()) == []  # files and lock file gone

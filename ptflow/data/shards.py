@@ -266,10 +266,6 @@ def tokenize_in_worker(state: dict, task: ShardTask) -> ShardResult:
     return tokenize_shard(state["layout"], task, state["encoder"], state["encoding"])
 
 
-def encode_in_worker(state: dict, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
-    return encode_shard(shard, state["encoder"], state["encoding"])
-
-
 # --------------------------------------------------------------------------- the whole job
 
 

@@ -11,7 +11,8 @@ Resuming needs no replay: a `Cursor` (pass, shard index, tokens of that shard al
 documents of its dataset before it) is saved in every checkpoint; a resumed run recomputes the
 pass's order, re-reads only the one shard the cursor points into and drops the consumed tokens.
 At the end of a pass the final partial block is dropped and the next pass starts, so `max_steps`
-decides how long training runs. In file order datasets are read one after the other (concat) and
+decides how long training runs. Under torchrun every rank reads the whole stream; with a `NodeTokens`
+(node_tokens.py) the ranks of a node tokenize each shard once between them and memory-map it. In file order datasets are read one after the other (concat) and
 `max_samples` keeps the first N documents of each.
 
     stream = BlockStream(StreamPlan.load(folder), tokenizer_dir, cursor, workers=2)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
@@ -30,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ptflow.data.node_tokens import Fetched, NodeTokens
 from ptflow.data.packing import Packer
-from ptflow.data.shards import Encoder, encode_in_worker, encode_shard, encoding_for, worker_state
+from ptflow.data.shards import Encoder, encode_shard, encoding_for, worker_state
 from ptflow.data.sources import Shard, Source, plan_shards
 from ptflow.data.workers import WorkerPool
 from ptflow.errors import DataError
@@ -153,7 +156,7 @@ class BlockStream:
     """`cutoff_len` blocks in reading order from a cursor, with the cursor after each `take`."""
 
     def __init__(self, plan: StreamPlan, tokenizer, cursor: Cursor | None = None, workers: int = 0,
-                 lookahead: int | None = None):
+                 lookahead: int | None = None, node: NodeTokens | None = None):
         if not plan.shards:
             raise DataError("data.streaming: the stream plan has no shards (no data files)")
         self.plan = plan
@@ -164,6 +167,8 @@ class BlockStream:
         if workers > 0 and self.encoding.tokenizer_json is not None:
             self.pool = WorkerPool(workers, worker_state, (self.encoding,))
         self.packer = Packer(plan.cutoff_len, self.encoding.dtype)
+        self.node = node  # shares tokenized shards with the other ranks of this node
+        self.tokenizing = {"tokenized_shards": 0, "tokenize_cpu_s": 0.0, "shared_shards": 0}  # by this rank
         self.lookahead = lookahead or max(2, 2 * workers)
         self.pending: deque[tuple[int, int, Future | None]] = deque()  # (pass, shard index, tokens when pooled)
         self.orders: dict[int, list[int]] = {}
@@ -182,9 +187,15 @@ class BlockStream:
         self.whole_pass = self.entry is None  # whether this pass is read from its start
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close(wait=False)
+        if self.pool is not None:  # shared: let running fetches finish, so none writes a file after the release
+            self.pool.close(wait=self.node is not None)
             self.pool = None
+        if self.node is not None:
+            for epoch, index, _ in self.pending:
+                self.node.release(self.plan.shards[index], epoch)
+            self.pending.clear()
+            self._release_piece()
+            self.node.close()
 
     def __enter__(self) -> "BlockStream":
         return self
@@ -213,7 +224,10 @@ class BlockStream:
                 self.next_epoch, self.next_pos = epoch + 1, 0
             if epoch == self.epoch and self.entry is None and self._full(shard.source):
                 continue  # holds no wanted document
-            future = self.pool.submit(encode_in_worker, shard) if self.pool is not None else None
+            future = None
+            if self.pool is not None:
+                future = self.pool.submit(*((_fetch_in_worker, (self.node, shard, epoch)) if self.node is not None
+                                            else (_encode_in_worker, shard)))
             self.pending.append((epoch, index, future))
 
     def _next_piece(self) -> _Piece | None:
@@ -235,8 +249,10 @@ class BlockStream:
             tokens, ends = np.zeros(0, np.dtype(self.encoding.dtype)), np.zeros(0, np.int64)
             if future is not None:
                 future.cancel()
+            if self.node is not None:
+                self.node.release(shard, epoch)
         else:
-            tokens, ends = future.result() if future is not None else encode_shard(shard, self.encoder, self.encoding)
+            tokens, ends = self._tokens(shard, epoch, future)
             if limit is not None and before + len(ends) > limit:
                 keep = limit - before
                 tokens, ends = tokens[: int(ends[keep - 1])], ends[:keep]
@@ -246,6 +262,33 @@ class BlockStream:
             raise DataError(f"{shard.where}: the checkpoint's data cursor points {offset} tokens into this shard but "
                             f"it has {len(tokens)}; the file changed since the checkpoint was written")
         return _Piece(index, epoch, tokens, ends, offset, before, offset)
+
+    def _tokens(self, shard: Shard, epoch: int, future: Future | None) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's (tokens, document ends): tokenized by this rank, or shared by another rank of the node."""
+        if self.node is None:
+            tokens, ends, cpu_s = future.result() if future is not None else _encode_timed(shard, self.encoder,
+                                                                                           self.encoding)
+            self._count(Fetched("", True, cpu_s))
+            return tokens, ends
+        fetched = future.result() if future is not None else self._fetch(shard, epoch)
+        self._count(fetched)
+        while (opened := self.node.open(fetched)) is None:  # removed after the fetch (a stale record): again
+            fetched = self._fetch(shard, epoch)
+            self._count(fetched)
+        return opened
+
+    def _fetch(self, shard: Shard, epoch: int) -> Fetched:
+        return self.node.fetch(shard, epoch, lambda: encode_shard(shard, self.encoder, self.encoding))
+
+    def _count(self, fetched: Fetched) -> None:
+        self.tokenizing["tokenized_shards" if fetched.built else "shared_shards"] += 1
+        self.tokenizing["tokenize_cpu_s"] += fetched.cpu_s
+
+    def _release_piece(self) -> None:
+        """This rank has packed the current piece's shard (or stops): its node-shared files may go."""
+        if self.node is not None and self.piece is not None:
+            self.node.release(self.plan.shards[self.piece.index], self.piece.epoch)
+        self.piece = None
 
     def _end_pass(self) -> None:
         if self.blocks_this_pass == 0 and self.whole_pass:
@@ -257,7 +300,6 @@ class BlockStream:
         self.epoch += 1
         self.blocks_this_pass = 0
         self.docs_seen = {}
-        self.piece = None
         self.whole_pass = True
 
     def take(self, n: int) -> tuple[np.ndarray, list[np.ndarray] | None, Cursor]:
@@ -266,6 +308,7 @@ class BlockStream:
         row = 0
         while row < n:
             if self.piece is None or self.piece.left == 0:
+                self._release_piece()
                 self.piece = self._next_piece()
                 if self.piece is None:  # the pass ended inside a block: it is dropped, the row refilled next pass
                     self._end_pass()
@@ -289,6 +332,21 @@ class BlockStream:
         if piece is None:
             return self.start
         return Cursor(piece.epoch, piece.index, piece.offset, piece.docs_before)
+
+
+def _encode_timed(shard: Shard, encoder: Encoder, encoding) -> tuple[np.ndarray, np.ndarray, float]:
+    started = time.thread_time()
+    tokens, ends = encode_shard(shard, encoder, encoding)
+    return tokens, ends, time.thread_time() - started
+
+
+def _encode_in_worker(state: dict, shard: Shard) -> tuple[np.ndarray, np.ndarray, float]:
+    return _encode_timed(shard, state["encoder"], state["encoding"])
+
+
+def _fetch_in_worker(state: dict, item: tuple[NodeTokens, Shard, int]) -> Fetched:
+    node, shard, epoch = item
+    return node.fetch(shard, epoch, lambda: encode_shard(shard, state["encoder"], state["encoding"]))
 
 
 def hold_out(plan: StreamPlan, tokenizer, n_blocks: int) -> tuple[np.ndarray, list[np.ndarray] | None]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ptflow import __version__, faults
-from ptflow.errors import PtflowError, StoreError
+from ptflow.errors import DataError, PtflowError, StoreError
 from ptflow.store import sync
 from ptflow.store.layout import MANIFEST, Layout
 
@@ -236,7 +236,7 @@ def lookup(layout: Layout, stage: str, key: str, verify: bool = False) -> tuple[
     digest, e.g. an intermediate training checkpoint) are dropped and the entry is still returned."""
     folder = layout.artifact(stage, key)
     if not folder.is_dir():
-        problem = sync.fetch_entry(layout, stage, key, check_files)  # an object store's entry: download it
+        problem = sync.fetch_entry(layout, stage, key, check_files, make_read_only)  # an object store's: download it
         if problem or not folder.is_dir():
             return None, f"cached entry is damaged ({problem}); rebuilding it" if problem else ""
     manifest = read_manifest(folder)
@@ -334,14 +334,23 @@ def key_lock(layout: Layout, stage: str, key: str, wait: bool = True) -> Iterato
     """One builder per key across processes on this store; others wait and then reuse its result.
 
     Yields whether the lock is held: always with `wait`; without it (gc), False when someone holds it.
-    A lock file that `ptflow cache gc` removed between our open and our lock is opened again, so two
-    processes never hold locks on two different files of one key.
     """
-    path = layout.lock(stage, key)
+    with file_lock(layout.lock(stage, key), wait) as handle:
+        yield handle is not None
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[Any]:
+    """An exclusive flock on `path` (created, with its folder, when missing); yields the open file, or None when
+    `wait` is off and another process holds it. A lock file that its holder (or `ptflow cache gc`) removed
+    between our open and our lock is opened again, so two processes never hold locks on two different files
+    of one path; so a holder may delete the file before it lets go."""
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(path, "a+")
+        except FileNotFoundError:
+            continue  # its folder was removed between the mkdir and the open
         except OSError as exc:
             raise StoreError(f"cannot write to the store folder {path.parent}: {exc.strerror}. Fix its permissions, "
                              "or set `store:` in the config or PTFLOW_HOME to a writable folder.") from None
@@ -349,7 +358,7 @@ def key_lock(layout: Layout, stage: str, key: str, wait: bool = True) -> Iterato
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.close()
-            yield False
+            yield None
             return
         try:
             same = os.fstat(handle.fileno()).st_ino == path.stat().st_ino
@@ -360,7 +369,7 @@ def key_lock(layout: Layout, stage: str, key: str, wait: bool = True) -> Iterato
         handle.close()
     with handle:
         try:
-            yield True
+            yield handle
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -387,6 +396,17 @@ def disk_full(exc: BaseException | None, folder: Path | None = None) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < LOW_SPACE
+
+
+def _input_of(exc: BaseException, work: Path, layout: Layout) -> str | None:
+    """The file an OSError of a build names when it is not one the build writes (its work folder, the compile
+    cache): an input it was reading."""
+    name = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    if not name:
+        return None
+    path = Path(os.path.abspath(name))
+    written = (work.resolve(), layout.compile_cache().resolve())
+    return None if any(path == w or w in path.parents for w in written) else str(name)
 
 
 def build_or_reuse(
@@ -448,6 +468,11 @@ def build_or_reuse(
                                  f"(store {layout.root}){kept}. Free space on that disk or point `store:` "
                                  f"(or PTFLOW_HOME) at a bigger one, then re-run; finished stages stay cached. "
                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+            unreadable = _input_of(exc, work, layout)
+            if unreadable is not None:
+                raise DataError(f"{stage}: reading the input {unreadable} failed: {exc.strerror or exc}. Check that "
+                                "it exists and is readable (permissions, a mounted filesystem), then re-run; "
+                                "finished stages stay cached.") from exc
             raise StoreError(f"{stage}: writing the artifact {final} failed: {exc.strerror or exc}. "
                              f"Free space or fix permissions, then re-run; finished stages stay cached.") from exc
         sync.publish_entry(layout, stage, key, manifest, replace=bool(damage))  # object store: files, manifest

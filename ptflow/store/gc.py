@@ -1,9 +1,15 @@
 """Store hygiene: list the entries, sweep what crashes leave, and re-hash everything on request.
 
     ptflow cache list                              entries: stage, key, size, last use, the runs that use them
-    ptflow cache gc [--dry-run] [--older-than D]   stale temp folders, finished keys' work folders, idle lock
-                                                   files; with --older-than, entries no run uses, idle D days
+    ptflow cache gc [--dry-run] [--older-than D]   stale temp folders and streamed-token folders, finished keys'
+                                                   work folders, idle lock files; with --older-than, entries no
+                                                   run uses, idle D days
     ptflow cache verify [--dry-run]                re-hash every entry and every memoised input file
+
+On an object store (`store: s3://...`) gc sweeps the bucket by the same rules after this machine's
+cache directory: uploads left without their manifest (a writer killed mid-upload), checkpoint
+folders of keys that have since finished, and with --older-than entries that no lineage and no run
+on this machine uses, by the later of their upload and this machine's last use of its copy.
 
 A run's store use is fast because it trusts a file whose size and mtime are unchanged; `verify`
 is the slow path that trusts nothing. Nothing here removes a folder whose key lock another
@@ -18,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ptflow.store import sync
 from ptflow.store.entries import (
     DigestMemo,
     file_problems,
@@ -28,7 +35,7 @@ from ptflow.store.entries import (
     salvage,
     sha256_file,
 )
-from ptflow.store.layout import LOCK_SUFFIX, MANIFEST, TMP_PREFIX, WORK_SUFFIX, Layout
+from ptflow.store.layout import LOCK_SUFFIX, MANIFEST, TMP_PREFIX, TOKENS_INFIX, WORK_SUFFIX, Layout
 from ptflow.store.lineage import read_lineage
 
 log = logging.getLogger("ptflow.gc")
@@ -90,8 +97,9 @@ def _references(layout: Layout) -> dict:
 
 
 def collect(layout: Layout, dry_run: bool = False, older_than_days: float | None = None,
-            stale_tmp_s: float = STALE_TMP_S, now: float | None = None) -> list[tuple[Path, str]]:
-    """Remove (or with `dry_run` only list) what no run needs; returns (path, why) for each."""
+            stale_tmp_s: float = STALE_TMP_S, now: float | None = None) -> list[tuple[Path | str, str]]:
+    """Remove (or with `dry_run` only list) what no run needs, here and on the object store; returns (path or
+    URL, why) for each."""
     now = time.time() if now is None else now
     doomed = []
     for stage in layout.stages():
@@ -102,17 +110,85 @@ def collect(layout: Layout, dry_run: bool = False, older_than_days: float | None
     if older_than_days is not None:
         doomed += [(e.stage, e.path, f"unused entry, last used {_age(now - e.last_used)} ago")
                    for e in list_entries(layout) if not e.runs and now - e.last_used > older_than_days * DAY_S]
-    removed = []
+    removed: list[tuple[Path | str, str]] = []
     for stage, path, why in doomed:
         if dry_run or _remove_unlocked(layout, stage, path):
             removed.append((path, why))
+    return removed + collect_remote(layout, dry_run, older_than_days, stale_tmp_s, now)
+
+
+def collect_remote(layout: Layout, dry_run: bool, older_than_days: float | None, stale_tmp_s: float,
+                   now: float) -> list[tuple[str, str]]:
+    """The sweep of `collect` on the object store this cache directory belongs to (none for a local store)."""
+    remote = layout.remote
+    if remote is None:
+        return []
+    folders: dict[tuple[str, str], dict[str, float]] = {}  # (stage, key or key.work) -> {file: modified}
+    for rel, modified in remote.listing("cache").items():
+        parts = rel.split("/")
+        if len(parts) > 2:  # cache/<stage>/<folder>/<file>; stage bookkeeping files stay
+            folders.setdefault((parts[0], parts[1]), {})["/".join(parts[2:])] = modified
+    used = _remote_users(layout) if older_than_days is not None else set()
+    removed = []
+    for (stage, name), files in sorted(folders.items()):
+        why = _why_remote_stale(layout, stage, name, files, folders, now, stale_tmp_s, older_than_days, used)
+        if why and (dry_run or _remove_remote(layout, stage, name, files)):
+            removed.append((f"{remote.url}/cache/{stage}/{name}", why))
     return removed
+
+
+def _why_remote_stale(layout: Layout, stage: str, name: str, files: dict[str, float], folders: dict, now: float,
+                      stale_tmp_s: float, older_than_days: float | None, used: set[str]) -> str | None:
+    if name.endswith(WORK_SUFFIX):
+        finished = MANIFEST in folders.get((stage, name.removesuffix(WORK_SUFFIX)), {})
+        return "work folder (checkpoints) of a key that has since finished" if finished else None
+    if "." in name or name.startswith("."):
+        return None
+    if MANIFEST not in files:
+        newest = max(files.values())
+        stale = now - newest > stale_tmp_s
+        return f"upload left unfinished, no manifest.json ({_age(now - newest)} old)" if stale else None
+    if older_than_days is None or name in used:
+        return None
+    local = layout.artifact(stage, name)
+    last_used = max(files[MANIFEST], local.stat().st_mtime if local.is_dir() else 0.0)
+    return f"unused entry, last used {_age(now - last_used)} ago" if now - last_used > older_than_days * DAY_S \
+        else None
+
+
+def _remote_users(layout: Layout) -> set[str]:
+    """Keys some run needs: named by a lineage file on the object store, or linked by a run on this machine."""
+    keys = {e.key for e in list_entries(layout) if e.runs}
+    for rel in layout.remote.listing("lineage"):
+        if rel.endswith(".jsonl") and "/" not in rel:
+            keys |= {record["key"] for record in read_lineage(layout, rel.removesuffix(".jsonl"))}
+    return keys
+
+
+def _remove_remote(layout: Layout, stage: str, name: str, files: dict[str, float]) -> bool:
+    """Delete a remote folder (an entry's manifest first) unless a build of its key runs on this machine."""
+    key = name.removesuffix(WORK_SUFFIX)
+    with key_lock(layout, stage, key, wait=False) as held:
+        if not held:
+            log.info("cache gc: keeping %s/cache/%s/%s (its key is locked by a running build)", layout.remote.url,
+                     stage, name)
+            return False
+        if name.endswith(WORK_SUFFIX):
+            sync.drop_work(layout, stage, key)
+        elif MANIFEST in files:
+            sync.drop(layout, stage, key)
+        else:
+            layout.remote.remove(f"cache/{stage}/{name}")
+        layout.lock(stage, key).unlink(missing_ok=True)
+    return True
 
 
 def _why_stale(layout: Layout, stage: str, path: Path, now: float, stale_tmp_s: float) -> str | None:
     name = path.name
     if name.startswith(TMP_PREFIX) and path.is_dir() and now - path.stat().st_mtime > stale_tmp_s:
         return f"temp folder left by an interrupted write ({_age(now - path.stat().st_mtime)} old)"
+    if name.startswith(".") and TOKENS_INFIX in name and path.is_dir() and now - path.stat().st_mtime > stale_tmp_s:
+        return f"token files of a stopped streamed training run ({_age(now - path.stat().st_mtime)} untouched)"
     if name.endswith(WORK_SUFFIX) and _is_entry(layout.artifact(stage, name.removesuffix(WORK_SUFFIX))):
         return "work folder (checkpoints) of a key that has since finished"
     if name.startswith(".") and name.endswith(LOCK_SUFFIX):
@@ -121,11 +197,12 @@ def _why_stale(layout: Layout, stage: str, path: Path, now: float, stale_tmp_s: 
 
 
 def _key_of(path: Path) -> str:
-    """The key a store path belongs to: `<key>`, `<key>.work`, `.<key>.lock`, `.tmp-<key>-<pid>-<id>`."""
+    """The key a store path belongs to: `<key>`, `<key>.work`, `.<key>.lock`, `.tmp-<key>-<pid>-<id>`,
+    `.<key>.tokens-<host>`."""
     name = path.name
     if name.startswith(TMP_PREFIX):
         return name.removeprefix(TMP_PREFIX).split("-")[0]
-    return name.lstrip(".").removesuffix(LOCK_SUFFIX).removesuffix(WORK_SUFFIX)
+    return name.lstrip(".").split(".")[0]
 
 
 def _remove_unlocked(layout: Layout, stage: str, path: Path) -> bool:

@@ -2,6 +2,8 @@
 
     <root>/cache/<stage>/<key>/          a finished artifact (manifest.json last, then renamed in)
     <root>/cache/<stage>/<key>.work/     a resumable stage's work in progress (training checkpoints)
+    <root>/cache/<stage>/.<key>.tokens-<host>/  a streamed training run's token files on node <host>, shared by
+                                         its ranks there (ptflow/data/node_tokens.py); swept by gc when stale
     <root>/cache/<stage>/.tmp-<key>-*    a write in progress; never read, swept when stale (`ptflow cache gc`)
     <root>/cache/<stage>/.<key>.lock     the key's builder lock (flock)
     <root>/cache/<stage>/index.json      a stage's bookkeeping (tokenize: what each file was last tokenized with)
@@ -22,6 +24,7 @@ import; folders appear when a stage writes (a remote store's cache directory whe
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -33,6 +36,7 @@ MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 LOCK_SUFFIX = ".lock"
 WORK_SUFFIX = ".work"
+TOKENS_INFIX = ".tokens-"
 
 
 class Layout:
@@ -64,6 +68,13 @@ class Layout:
 
     def work(self, stage: str, key: str) -> Path:
         return self.stage_dir(stage) / f"{key}{WORK_SUFFIX}"
+
+    @staticmethod
+    def node_tokens(work: Path) -> Path:
+        """The token files a streamed training run in `work` shares among its ranks on this node: beside the work
+        folder, not in it (the work folder becomes the entry), and named by host, so a store on a shared
+        filesystem gives every node its own."""
+        return work.with_name(f".{work.name.removesuffix(WORK_SUFFIX)}{TOKENS_INFIX}{socket.gethostname()}")
 
     def stage_index(self, stage: str) -> Path:
         """A stage's own bookkeeping file (token shards: what each file was last tokenized with)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -124,13 +125,20 @@ class Remote:
 
     def files(self, rel: str) -> dict[str, int]:
         """Every file under `rel`, as {path relative to rel: size}; {} when there is none."""
+        return {name: info.get("size", 0) for name, info in self._find(rel).items()}
+
+    def listing(self, rel: str) -> dict[str, float]:
+        """Every file under `rel`, as {path relative to rel: last-modified time (epoch seconds)}; {} when none."""
+        return {name: _modified(info) for name, info in self._find(rel).items()}
+
+    def _find(self, rel: str) -> dict[str, dict]:
         folder = self.path(rel)
         self.fs.invalidate_cache(folder)
         try:
             found = self._call("list", rel, self.fs.find, folder, detail=True)
         except FileNotFoundError:
             return {}
-        return {name[len(folder) + 1:]: info.get("size", 0) for name, info in found.items()
+        return {name[len(folder) + 1:]: info for name, info in found.items()
                 if info.get("type") != "directory" and name.startswith(folder + "/")}
 
     def put(self, local: Path, rel: str) -> None:
@@ -164,3 +172,15 @@ class Remote:
 
     def __repr__(self) -> str:
         return f"Remote({self.url!r})"
+
+
+
+def _modified(info: dict) -> float:
+    """A listed file's last-modified time from the field its backend fills (s3: LastModified, gcs: updated, memory:
+    created), in epoch seconds; 0 when it has none."""
+    value = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("created") or 0
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value)

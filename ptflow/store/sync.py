@@ -5,7 +5,8 @@ every other file of the entry: a reader treats a remote folder without a manifes
 writer killed mid-upload leaves nothing that can be taken for finished (the next writer of that
 key overwrites the leftovers). A fetched entry is downloaded beside its final place, checked file
 by file against the manifest (size and sha256), stamped with the manifest's mtimes so later local
-checks stay cheap, and renamed into place; one that fails the check is a miss and is rebuilt.
+checks stay cheap, made read-only like an entry built here, and renamed into place; one that fails
+the check is a miss and is rebuilt.
 
 Every function is a no-op for a local store (`layout.remote is None`).
 """
@@ -41,11 +42,13 @@ def remote_manifest(remote: Remote, rel: str) -> dict | None:
         return None  # a manifest is uploaded whole, so this is foreign data: treat the entry as absent
 
 
-def fetch_entry(layout: Layout, stage: str, key: str, verify: Callable[[Path, dict], str | None]) -> str:
+def fetch_entry(layout: Layout, stage: str, key: str, verify: Callable[[Path, dict], str | None],
+                seal: Callable[[Path], None]) -> str:
     """Download the remote entry `stage/key` into the cache directory when it is finished there.
 
     Returns "" when it was fetched or is absent remotely, else what is wrong with the remote copy
-    (`verify(folder, manifest)` found a file missing or changed): the caller rebuilds it.
+    (`verify(folder, manifest)` found a file missing or changed): the caller rebuilds it. `seal(folder)`
+    finishes the copy as a locally built entry is finished (its files read-only).
     """
     remote, final = layout.remote, layout.artifact(stage, key)
     if remote is None:
@@ -64,6 +67,7 @@ def fetch_entry(layout: Layout, stage: str, key: str, verify: Callable[[Path, di
         for name, entry in manifest["files"].items():
             os.utime(tmp / name, ns=(entry["mtime_ns"], entry["mtime_ns"]))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        seal(tmp)
         try:
             os.replace(tmp, final)
         except OSError:

@@ -3,7 +3,7 @@
 `StoredBatches` reads the memory-mapped blocks of a prepared dataset in the order `DataOrder`
 gives (step s is a pure function of (seed, s), so a resume seeks straight to it);
 `StreamedBatches` packs a stream of shards as it goes and keeps the data cursor after every
-step for checkpoints. Both cut a step's blocks into the same per-rank micro-batches and count
+step for checkpoints; under torchrun the ranks of a node share each shard's tokens (node_tokens.py). Both cut a step's blocks into the same per-rank micro-batches and count
 the labelled tokens of the step up front, which the token-weighted loss divides by.
 """
 
@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ptflow.data.node_tokens import NodeTokens
 from ptflow.data.stream import BlockStream, Cursor, StreamPlan
 from ptflow.data.workers import default_workers
 from ptflow.train.eval_loss import batch_tensors, document_positions
@@ -57,6 +58,7 @@ class BatchSource(Protocol):
     def epoch_at(self, step: int) -> float: ...
     def cursor_at(self, step: int) -> dict | None: ...
     def describe(self) -> str: ...
+    def report(self) -> dict | None: ...
     def close(self) -> None: ...
 
 
@@ -119,17 +121,21 @@ class StoredBatches:
     def describe(self) -> str:
         return f"{len(self.blocks)} train blocks"
 
+    def report(self) -> dict | None:
+        return None
+
     def close(self) -> None:
         pass
 
 
 class StreamedBatches:
-    """Blocks packed from a stream of shards; every rank reads the whole stream and keeps its rows."""
+    """Blocks packed from a stream of shards; every rank reads the whole stream and keeps its rows, and with `node`
+    (torchrun, several ranks on this node) each shard is tokenized once per node, not once per rank."""
 
     def __init__(self, plan: StreamPlan, tokenizer, cursor: Cursor | None, start_step: int, per_step: int,
-                 cut: Slicing):
+                 cut: Slicing, node: NodeTokens | None = None):
         self.plan, self.per_step, self.cut, self.padded = plan, per_step, cut, False
-        self.stream = BlockStream(plan, tokenizer, cursor, workers=default_workers(beside_training=True))
+        self.stream = BlockStream(plan, tokenizer, cursor, workers=default_workers(beside_training=True), node=node)
         self.cursors = {start_step: self.stream.cursor() if cursor is None else cursor}  # cursor after each step
 
     def take(self, step: int) -> StepBatch:
@@ -146,6 +152,10 @@ class StreamedBatches:
 
     def describe(self) -> str:
         return f"blocks streamed from {len(self.plan.shards)} shards"
+
+    def report(self) -> dict | None:
+        """What this rank tokenized itself and what it read from another rank's token files."""
+        return {**self.stream.tokenizing, "tokenize_cpu_s": round(self.stream.tokenizing["tokenize_cpu_s"], 3)}
 
     def close(self) -> None:
         self.stream.close()

@@ -31,6 +31,7 @@ import torch
 from ptflow import faults
 from ptflow.config.schema import ModelSection, TrainSection
 from ptflow.data.dataset import open_blocks, open_doc_starts
+from ptflow.data.node_tokens import NodeTokens
 from ptflow.data.stream import StreamPlan, is_streamed
 from ptflow.data.tokenizer import open_tokenizer, resolve_model_dir
 from ptflow.errors import DataError
@@ -165,9 +166,10 @@ class TrainData:
         blocks, lengths = open_blocks(dataset, "train")
         return cls(None, blocks, lengths, blocks.shape[1], *plan_steps(train, len(blocks), world))
 
-    def source(self, dataset: Artifact, tok, cursor, start_step: int, seed: int, cut: Slicing) -> BatchSource:
+    def source(self, dataset: Artifact, tok, cursor, start_step: int, seed: int, cut: Slicing,
+               node: NodeTokens | None = None) -> BatchSource:
         if self.plan is not None:  # every rank reads the whole stream and keeps its rows (packing is global)
-            return StreamedBatches(self.plan, tok, cursor, start_step, self.per_step, cut)
+            return StreamedBatches(self.plan, tok, cursor, start_step, self.per_step, cut, node)
         return StoredBatches(self.blocks, self.lengths, open_doc_starts(dataset, "train"), self.per_step, seed, cut)
 
 
@@ -200,7 +202,8 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
         net, optimizer = accelerator.prepare(net, optimizer)
     cut = Slicing(train.per_device_train_batch_size, train.gradient_accumulation_steps, accelerator.process_index,
                   world, data.seq_len, device)
-    source = data.source(dataset, tok, cursor, start_step, seed, cut)
+    node = NodeTokens.from_env(Layout.node_tokens(folder), tokenizer.digest)  # torchrun: shard tokens shared
+    source = data.source(dataset, tok, cursor, start_step, seed, cut, node)
     step = StepRunner(net, optimizer, scheduler, accelerator, train, built.sharded, source.padded)
     run = Training(folder, train, accelerator, data, built, step, source, checkpointer,
                    TrainLog(folder, start_step, accelerator.is_main_process, on_log), start_step, launched)
@@ -335,6 +338,11 @@ class Training:
         self.accelerator.wait_for_everyone()
         net = self.step.net
         full_weights = sharding.full_weights(net) if self.built.sharded else None  # a collective: every rank
+        reports = [self.source.report()]
+        if self.world > 1 and reports[0] is not None:  # a collective too: every rank's stream tokenizing
+            from accelerate.utils import gather_object
+
+            reports = gather_object(reports)
         if not self.accelerator.is_main_process:
             return {}
         final = self.accelerator.unwrap_model(net)
@@ -352,6 +360,7 @@ class Training:
                 "final_eval_loss": self.log.value("eval_loss"), "finetuning_type": self.train.finetuning_type,
                 "speedups": self.built.speedups, "precision": self.precision, "train_tokens": results["train_tokens"],
                 "streamed": self.data.plan is not None,
+                **({"stream_tokenizing": reports} if reports[0] is not None else {}),
                 **{k: results[k] for k in ("train_loss", "train_runtime")}}
 
     def hf_state(self, done: int, summary: dict | None = None) -> dict:

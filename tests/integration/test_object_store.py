@@ -182,3 +182,39 @@ def test_train_killed_mid_run_resumes_on_a_fresh_machine_from_the_newest_uploade
     assert steps == sorted(set(steps)) and steps[-1] == 8  # the log came along and no step is logged twice
     names = remote_names(s3, store_url)
     assert f"cache/train/{result['train']['key']}/{MANIFEST}" in names and not any(".work/" in n for n in names)
+
+
+def test_cache_gc_sweeps_the_bucket_by_the_local_rules(s3, store_url, tmp_path, monkeypatch, capsys):
+    """Unfinished uploads (no manifest), finished keys' checkpoint folders and, with --older-than, entries no
+    lineage names go from the bucket; dry-run (`--dry-run`) lists them and removes nothing."""
+    from flows.cli import main
+    from ptflow.store import gc
+    from ptflow.store.entries import build_or_reuse
+
+    def write(text):
+        return lambda folder: (folder / "data.txt").write_text(text) and {}
+
+    on_machine(monkeypatch, tmp_path / "cpu")
+    layout = Layout.resolve(store_url)
+    named, unused = (build_or_reuse(layout, "demo", {"stage": "demo", "config": {"n": n}}, write(f"entry {n}"))
+                     for n in (1, 2))
+    prefix = store_url.removeprefix("s3://")
+    s3.pipe(f"{prefix}/cache/demo/{'f' * 32}/data.txt", b"half")  # a writer killed before its manifest
+    s3.pipe(f"{prefix}/cache/demo/{named.key}.work/checkpoint-3/weights", b"w")  # left by a killed publisher
+    s3.pipe(f"{prefix}/lineage/nightly.jsonl", json.dumps({"key": named.key}).encode() + b"\n")
+
+    swept = {p for p, _ in gc.collect(layout) if isinstance(p, str)}  # (and this machine's idle lock files)
+    assert swept == {f"{store_url}/cache/demo/{named.key}.work"}  # the unfinished upload is recent: kept
+    later = time.time() + 40 * 24 * 3600
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert main(["cache", "gc", "--dry-run", "--older-than", "30", "--store", store_url]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove {store_url}/cache/demo/{'f' * 32}  (upload left unfinished, no manifest.json" in out
+    assert f"would remove {store_url}/cache/demo/{unused.key}  (unused entry, last used 40.0 days ago)" in out
+    assert f"{store_url}/cache/demo/{named.key} " not in out  # the lineage names it
+    before = remote_names(s3, store_url)
+    assert f"cache/demo/{'f' * 32}/data.txt" in before
+    assert main(["cache", "gc", "--older-than", "30", "--store", store_url]) == 0
+    after = remote_names(s3, store_url)
+    assert not any(n.startswith((f"cache/demo/{'f' * 32}/", f"cache/demo/{unused.key}/")) for n in after)
+    assert f"cache/demo/{named.key}/{MANIFEST}" in after and f"cache/demo/{named.key}/data.txt" in after

@@ -17,7 +17,7 @@ from tiny_assets import tiny_llama_config
 from transformers import AutoModelForCausalLM
 
 from ptflow.config.schema import TrainSection
-from ptflow.train.batches import StepBatch, Slicing
+from ptflow.train.batches import Slicing, StepBatch
 from ptflow.train.distributed import Ranks
 from ptflow.train.step import StepRunner
 

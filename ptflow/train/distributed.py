@@ -1,6 +1,6 @@
 """The train stage's one distributed stack, plain PyTorch as torchtitan: process group, device, model wrapper.
 
-`Ranks.open` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE): one process per GPU
+`Ranks.open` reads torchrun's environment (WORLD_SIZE, LOCAL_RANK; the group gives the rank): one process per GPU
 with NCCL, or gloo ranks on the CPU (`train.use_cpu`, or no GPU: how the tests run two ranks);
 without torchrun it is one process and no group. `wrap` gives the model for its mode: as it is
 (one process), `DistributedDataParallel`, or FSDP2 (`sharding.shard`). What differs between the
@@ -67,17 +67,15 @@ class Ranks:
     @classmethod
     def open(cls, cpu: bool) -> Ranks:
         """Join torchrun's ranks (creating the group unless the caller already did), or run as one process."""
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        world, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
         device = local_device(cpu, local_rank)
         if world == 1 and not dist.is_initialized():
             return cls(device)
         owns = not dist.is_initialized()
         if owns:
-            check_backend(backend_for(device), device)
             dist.init_process_group(backend_for(device), timeout=TIMEOUT,
                                     device_id=device if device.type == "cuda" else None)
-        else:
+        else:  # the caller's group (a script that set up torch.distributed itself): it must suit this device
             check_backend(dist.get_backend(), device)
         return cls(device, dist.get_rank(), dist.get_world_size(), local_rank, owns)
 

@@ -1,4 +1,5 @@
-"""GPU paths of the train stage: bf16 + compile, flex_attention document masking, streaming on CUDA.
+"""GPU paths of the train stage: bf16 + compile, flex_attention document masking, streaming on CUDA, DDP and FSDP
+over NCCL on two GPUs.
 
 Skipped without a CUDA device (CI has none); run on a GPU machine with `python -m pytest tests/test_gpu.py`.
 The CPU-side refusal of flex_attention runs everywhere.
@@ -10,15 +11,18 @@ import json
 
 import pytest
 import torch
+from distributed_worker import launch, train_steps
 from tiny_assets import Interrupted, stop_at
 
 from ptflow.config.schema import DataSection, ModelSection, TrainSection
 from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import TrainingError
 from ptflow.store.layout import Layout
+from ptflow.train.distributed import Ranks
 from ptflow.train.loop import train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 
 def run(tiny_model_dir, tokenizer_artifact, dataset, folder, attn="sdpa", **train_kw):
@@ -81,3 +85,31 @@ def test_streamed_training_on_the_gpu_resumes_exactly(tiny_model_dir, tokenizer_
     got = {r["current_steps"]: r["loss"] for r in log if "loss" in r}
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-3), step
+
+
+@two_gpus
+def test_ddp_and_fsdp_over_nccl_match_one_gpu(tmp_path):
+    """Each rank on its own GPU (LOCAL_RANK), DDP with that device id, FSDP shards there: one GPU's losses."""
+    report = launch(tmp_path / "report.json", cuda=True)
+    one = train_steps(Ranks(torch.device("cuda", 0)), fsdp=False)
+    assert (report["world"], report["backend"], report["device"]) == (2, "nccl", "cuda:0")
+    assert report["ddp"]["device_ids"] == [0] and report["ddp"]["param_device"] == "cuda:0"
+    assert report["fsdp"]["mode"] == "fsdp" and report["fsdp"]["param_device"] == "cuda:0"
+    for mode in ("ddp", "fsdp"):
+        assert report[mode]["losses"] == pytest.approx(one["losses"], abs=1e-4), mode
+        assert report[mode]["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-3), mode
+
+
+@two_gpus
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_gpus_train_compiled_layers_in_bf16_like_one(tiny_model_dir, tokenizer_artifact, masked, tmp_path, fsdp):
+    """The train stage on two GPUs (compiled decoder layers inside DDP, or FSDP's compiled layer forwards), with
+    gradient accumulation: the losses of one GPU taking the same global batch, within bf16 noise."""
+    _, one, _ = run(tiny_model_dir, tokenizer_artifact, masked, tmp_path / "one", torch_compile=True,
+                    num_processes=1)
+    two, losses, _ = run(tiny_model_dir, tokenizer_artifact, masked, tmp_path / "two", torch_compile=True,
+                         num_processes=2, per_device_train_batch_size=1, gradient_accumulation_steps=2, fsdp=fsdp)
+    assert ("FSDP over 2 processes" in two.stats["speedups"]) == fsdp
+    assert losses.keys() == one.keys()
+    for step in one:
+        assert losses[step] == pytest.approx(one[step], rel=3e-2), step

@@ -1,4 +1,4 @@
-"""Multi-process training through `accelerate launch` (gloo DDP on CPU): same batches, same losses, rank errors."""
+"""Multi-process training under torchrun (gloo DDP and FSDP on CPU): same batches, same losses, rank errors."""
 
 from __future__ import annotations
 

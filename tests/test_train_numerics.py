@@ -8,7 +8,6 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
 from tiny_assets import ASSETS, tiny_llama_config, write_dataset_info
 from transformers import AutoModelForCausalLM
 
@@ -16,6 +15,7 @@ from ptflow.config.schema import DataSection, TrainSection
 from ptflow.data.dataset import open_blocks, open_doc_starts, prepare_dataset
 from ptflow.train.batches import Slicing, cut_step
 from ptflow.train.bf16_adamw import StochasticRoundingAdamW, stochastic_round_
+from ptflow.train.distributed import Ranks
 from ptflow.train.eval_loss import eval_batches, eval_loss
 from ptflow.train.step import StepRunner
 from ptflow.train.telemetry import flops_per_token, matmul_parameters
@@ -38,9 +38,8 @@ def tiny_model(seed: int = 0):
 def gradients(blocks, lengths, rows, micro_batch: int, accumulation: int) -> tuple[float, dict]:
     """Loss and gradients of one step over `rows`, cut into `accumulation` micro-batches."""
     net = tiny_model()
-    accelerator = Accelerator(cpu=True)
-    runner = StepRunner(net, torch.optim.SGD(net.parameters(), lr=0.0), None, accelerator,
-                        TrainSection(max_steps=1), sharded=False, padded=True)
+    runner = StepRunner(net, torch.optim.SGD(net.parameters(), lr=0.0), None, Ranks(torch.device("cpu")),
+                        TrainSection(max_steps=1), padded=True)
     cut = Slicing(micro_batch, accumulation, 0, 1, blocks.shape[1], torch.device("cpu"))
     loss = runner.accumulate(cut_step(blocks, lengths, None, np.asarray(rows), cut))
     return float(loss), {n: p.grad.clone() for n, p in net.named_parameters()}

@@ -1,6 +1,6 @@
-"""Assemble what a run trains: the model with its precision, kernels and sharding; AdamW; the LR schedule.
+"""Assemble what a run trains: the model with its precision, kernels and wrapper (DDP or FSDP); AdamW; the schedule.
 
-Precision is ours (bf16 autocast or pure bf16 weights), not accelerate's wrapper. With
+Precision is ours (bf16 autocast or pure bf16 weights), not a wrapper's. With
 `pure_bf16` the weights are bf16 and updated by `StochasticRoundingAdamW` (fp32 step, stochastic
 rounding), since plain AdamW on bf16 weights drops every update under half a bf16 ulp.
 """
@@ -17,6 +17,7 @@ import torch
 from ptflow.config.schema import ModelSection, TrainSection
 from ptflow.train import sharding
 from ptflow.train.bf16_adamw import StochasticRoundingAdamW
+from ptflow.train.distributed import Ranks
 from ptflow.train.kernels import apply_speedups, base_causal_lm
 from ptflow.train.model import build_model, count_parameters, setup_finetuning
 from ptflow.train.telemetry import matmul_parameters
@@ -25,8 +26,7 @@ log = logging.getLogger("ptflow.train")
 
 @dataclass
 class Built:
-    net: torch.nn.Module
-    sharded: bool
+    net: torch.nn.Module  # wrapped for its mode by `Ranks.wrap`: as it is, DDP or FSDP2
     n_total: int
     n_trainable: int
     n_matmul: int  # parameters in a per-token matmul (MFU's N: no input embedding table)
@@ -34,8 +34,9 @@ class Built:
 
 
 def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab_size: int, seed: int,
-              device: torch.device, world: int) -> Built:
-    """The model to train, in its precision, with activation checkpointing, kernels, compile and FSDP applied."""
+              ranks: Ranks) -> Built:
+    """The model to train on this rank's device, in its precision, with activation checkpointing, kernels, compile
+    and its wrapper (DDP, or FSDP with `train.fsdp`) applied; build the optimizer after it (FSDP swaps parameters)."""
     net = setup_finetuning(build_model(section, model_dir, vocab_size, seed), train)
     if train.pure_bf16:
         net.to(torch.bfloat16)
@@ -46,14 +47,14 @@ def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_total, n_trainable = count_parameters(net)
     n_matmul = matmul_parameters(base_causal_lm(net))  # before sharding: full shapes
-    sharded = train.fsdp and world > 1
+    sharded = train.fsdp and ranks.world > 1
     speedups = apply_speedups(net, train.model_copy(update={"torch_compile": False}) if sharded else train)
     if sharded:
         if train.torch_compile:
             speedups.append(sharding.compile_layers(net))
-        sharding.shard(net, device, world, train.bf16 and not train.pure_bf16)
-        speedups.append(f"FSDP over {world} processes")
-    return Built(net, sharded, n_total, n_trainable, n_matmul, speedups)
+        speedups.append(f"FSDP over {ranks.world} processes")
+    net = ranks.wrap(net, fsdp=sharded, bf16_autocast=train.bf16 and not train.pure_bf16)
+    return Built(net, n_total, n_trainable, n_matmul, speedups)
 
 
 def build_optimizer(net, train: TrainSection, device: torch.device, seed: int) -> torch.optim.Optimizer:

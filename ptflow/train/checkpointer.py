@@ -19,17 +19,18 @@ from ptflow.errors import CheckpointError
 from ptflow.train import checkpoint as ckpt
 from ptflow.train import sharding
 from ptflow.train.checkpoint_sync import publish_checkpoints
+from ptflow.train.distributed import Ranks
 
 log = logging.getLogger("ptflow.train")
 
 
-def resume_path(folder: Path, setting: str | bool, accelerator) -> Path | None:
+def resume_path(folder: Path, setting: str | bool, ranks: Ranks) -> Path | None:
     """The checkpoint to resume from; `false` deletes earlier checkpoints (rank 0 only, then a barrier)."""
     if setting is False or setting in ("false", "False"):
-        if accelerator.is_main_process:
+        if ranks.is_main:
             for _, path in ckpt.list_checkpoints(folder):
                 shutil.rmtree(path)
-        accelerator.wait_for_everyone()
+        ranks.barrier()
         return None
     if setting in (True, "auto", "true", "True"):
         return ckpt.newest_valid(folder)
@@ -43,22 +44,23 @@ def resume_path(folder: Path, setting: str | bool, accelerator) -> Path | None:
 class Checkpointer:
     """Resumes and saves one run's checkpoints under `folder`."""
 
-    def __init__(self, folder: Path, train: TrainSection, accelerator, fingerprint: dict, sharded: bool):
-        self.folder, self.train, self.accelerator = folder, train, accelerator
-        self.fingerprint, self.sharded = fingerprint, sharded
+    def __init__(self, folder: Path, train: TrainSection, ranks: Ranks, fingerprint: dict):
+        self.folder, self.train, self.ranks, self.fingerprint = folder, train, ranks, fingerprint
         self.running: dict = {}  # the running loss sums of the checkpoint resumed from
 
     def restore(self, net, optimizer, scheduler, streamed: bool) -> tuple[int, Path | None, Cursor | None]:
-        """(start step, checkpoint resumed from, stream cursor) after loading the newest valid checkpoint."""
-        path = resume_path(self.folder, self.train.resume_from_checkpoint, self.accelerator)
+        """(start step, checkpoint resumed from, stream cursor) after loading the newest valid checkpoint into the
+        wrapped model (`Ranks.wrap`; every rank loads the same one, so DDP replicas stay equal)."""
+        path = resume_path(self.folder, self.train.resume_from_checkpoint, self.ranks)
         if path is None:
             return 0, None, None
         meta = ckpt.check_fingerprint(path, self.fingerprint)
         if streamed and "data_cursor" not in meta:
             raise CheckpointError(f"train.resume_from_checkpoint: {path} has no data cursor, so the stream cannot "
                                   "resume where it stopped; set train.resume_from_checkpoint: false to start over")
-        ckpt.load_checkpoint(path, net, optimizer, scheduler,
-                             load_states=partial(sharding.load_full_states, net, optimizer) if self.sharded else None)
+        model = self.ranks.unwrap(net)
+        ckpt.load_checkpoint(path, model, optimizer, scheduler, load_states=partial(
+            sharding.load_full_states, model, optimizer) if self.ranks.sharded else None)
         cursor = Cursor.from_json(meta["data_cursor"]) if streamed else None
         self.running = meta.get("running_loss", {})  # so train_loss and the next logged loss match an unbroken run
         return meta["step"], path, cursor
@@ -69,16 +71,16 @@ class Checkpointer:
         With FSDP every rank writes its own shards into the temp folder first (no gather); rank 0 then
         adds the schedule, RNG and metadata and renames the folder into place.
         """
-        main = self.accelerator.is_main_process
-        if self.sharded:
-            if main:
+        ranks, sharded = self.ranks, self.ranks.sharded
+        if sharded:
+            if ranks.is_main:
                 ckpt.temp_folder(self.folder, step)
-            self.accelerator.wait_for_everyone()
+            ranks.barrier()
             sharding.save_sharded(net, optimizer, self.folder / f".tmp-checkpoint-{step}" / ckpt.SHARDED)
-        self.accelerator.wait_for_everyone()
-        if main:
-            ckpt.save_checkpoint(self.folder, step, self.accelerator.unwrap_model(net), optimizer, scheduler,
-                                 self.fingerprint, extra, sharded=self.sharded)
+        ranks.barrier()
+        if ranks.is_main:
+            ckpt.save_checkpoint(self.folder, step, ranks.unwrap(net), optimizer, scheduler,
+                                 self.fingerprint, extra, sharded=sharded)
             ckpt.rotate(self.folder, self.train.save_total_limit)
             publish_checkpoints(self.folder, self.train.save_total_limit)  # an object store: upload it now
-        self.accelerator.wait_for_everyone()  # nobody races ahead to a resume or deletion of a half-written folder
+        ranks.barrier()  # nobody races ahead to a resume or deletion of a half-written folder

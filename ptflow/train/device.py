@@ -6,8 +6,8 @@ support (before Ampere) is refused, as transformers refuses it; on the CPU it is
 autocast (fp32 master weights, matmuls in bf16: the same numerics as on a GPU, usually slower than fp32
 unless the CPU has AMX or AVX512-BF16), where transformers would refuse unless `use_cpu` is set.
 
-    accelerator = Accelerator(cpu=train_on_cpu(train))
-    check_device(model_section, train, accelerator.device)
+    ranks = Ranks.open(cpu=train_on_cpu(train))     # ptflow/train/distributed.py
+    check_device(model_section, train, ranks.device)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ptflow.errors import TrainingError
 
 
 def train_on_cpu(train: TrainSection) -> bool:
-    """accelerate's `Accelerator(cpu=...)`: the CPU when asked for, or when there is no GPU (gloo for torchrun ranks)."""
+    """Train on the CPU: when asked for, or when there is no GPU (torchrun ranks then talk over gloo, not NCCL)."""
     return train.use_cpu or not torch.cuda.is_available()
 
 

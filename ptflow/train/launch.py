@@ -1,8 +1,8 @@
-"""Multi-process training: the train stage re-runs itself under torchrun (DDP), one process per device.
+"""Multi-process training: the train stage re-runs itself under torchrun (DDP or FSDP), one process per device.
 
 The parent (the Prefect task, or a plain call) writes a JSON spec, starts
-`torchrun --standalone --nproc_per_node N -m ptflow.train.rank SPEC` (`Accelerator` picks the
-ranks up from torchrun's environment, with NCCL on GPUs and gloo on CPUs), relays rank 0's new
+`torchrun --standalone --nproc_per_node N -m ptflow.train.rank SPEC` (`distributed.Ranks` picks
+the ranks up from torchrun's environment, with NCCL on GPUs and gloo on CPUs), relays rank 0's new
 trainer_log.jsonl records to its `on_log` callback while the ranks train, and re-raises a
 rank's ptflow error with its own type and message. Every rank runs `run_training` on the
 same work folder; only rank 0 writes logs, checkpoints and the final model.

@@ -1,4 +1,4 @@
-"""Stage `train`: a compact accelerate loop over the packed blocks, resumable and observable.
+"""Stage `train`: a compact plain-PyTorch loop over the packed blocks, resumable and observable.
 
 Read top to bottom, `run_training` opens the data, builds the model, optimizer and schedule
 (`build`), restores the newest checkpoint (`checkpointer`), then `Training.run` repeats: take the
@@ -10,7 +10,7 @@ permutation of the blocks, so resuming at step s seeks straight to its batch (no
 consumed batches) and a resumed run sees exactly the batches of an uninterrupted one.
 Checkpoints go to `checkpoint-<step>/` inside the stage's work folder; a re-run of the same
 key resumes from the newest complete one. Runs on its own, or one process per rank under torchrun
-(ptflow/train/launch.py).
+(ptflow/train/launch.py), DDP or FSDP2 through one stack (ptflow/train/distributed.py).
 
 Writes LLaMA-Factory/HF Trainer files: model.safetensors + config.json (or the LoRA
 adapter), tokenizer files, trainer_log.jsonl, trainer_state.json, train_results.json.
@@ -62,6 +62,7 @@ from ptflow.train.checkpoint import adopt_checkpoints
 from ptflow.train.checkpoint_sync import pull_checkpoints
 from ptflow.train.checkpointer import Checkpointer
 from ptflow.train.compile_cache import compile_caches_in
+from ptflow.train.distributed import Ranks
 from ptflow.train.device import check_device, eval_device, train_on_cpu
 from ptflow.train.eval_loss import document_positions, eval_loss
 from ptflow.train.hf_state import hf_total_flos, hf_trainer_state
@@ -177,57 +178,53 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
                  dataset: Artifact, seed: int, fingerprint: dict, on_log: LogCallback | None = None,
                  eval_batch_size: int | None = None) -> dict:
     """Train on this process (one rank under torchrun); rank 0 returns the run's summary, other ranks {}."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from transformers import set_seed
 
     launched = time.perf_counter()
-    # Precision is ours (autocast or pure bf16), not accelerate's wrapper; cpu=True lets torchrun ranks use gloo.
-    accelerator = Accelerator(cpu=train_on_cpu(train))
-    device, world = accelerator.device, accelerator.num_processes
-    check_device(model_section, train, device)
+    ranks = Ranks.open(cpu=train_on_cpu(train))  # torchrun's ranks (NCCL on GPUs, gloo on CPUs), or one process
+    check_device(model_section, train, ranks.device)
     set_seed(seed)
-    data = TrainData.open(dataset, train, world)
+    data = TrainData.open(dataset, train, ranks.world)
     tok = open_tokenizer(tokenizer.path)
     model_dir = resolve_model_dir(model_section, weights=not model_section.train_from_scratch)
-    built = build_net(model_section, model_dir, train, len(tok), seed, device, world)
-    optimizer = build_optimizer(built.net, train, device, seed)
+    built = build_net(model_section, model_dir, train, len(tok), seed, ranks)  # on the device, wrapped
+    optimizer = build_optimizer(ranks.unwrap(built.net), train, ranks.device, seed)
     scheduler = build_scheduler(optimizer, train, data.total_steps)
-    checkpointer = Checkpointer(folder, train, accelerator, {**fingerprint, "world_size": world}, built.sharded)
+    checkpointer = Checkpointer(folder, train, ranks, {**fingerprint, "world_size": ranks.world})
     start_step, resumed_from, cursor = checkpointer.restore(built.net, optimizer, scheduler, data.plan is not None)
     if resumed_from is not None:
         log.info("train: resuming from %s (step %d of %d%s)", resumed_from.name, start_step, data.total_steps,
                  f", stream at pass {cursor.epoch + 1} shard {cursor.shard} token {cursor.offset}" if cursor else "")
-    net = built.net
-    if not built.sharded:  # DDP through accelerate; FSDP units do their own gradient reduction
-        net, optimizer = accelerator.prepare(net, optimizer)
-    cut = Slicing(train.per_device_train_batch_size, train.gradient_accumulation_steps, accelerator.process_index,
-                  world, data.seq_len, device)
+    cut = Slicing(train.per_device_train_batch_size, train.gradient_accumulation_steps, ranks.rank, ranks.world,
+                  data.seq_len, ranks.device)
     node = NodeTokens.from_env(Layout.node_tokens(folder), tokenizer.digest)  # torchrun: shard tokens shared
     source = data.source(dataset, tok, cursor, start_step, seed, cut, node)
-    step = StepRunner(net, optimizer, scheduler, accelerator, train, built.sharded, source.padded)
-    run = Training(folder, train, accelerator, data, built, step, source, checkpointer,
-                   TrainLog(folder, start_step, accelerator.is_main_process, on_log), start_step, launched)
+    step = StepRunner(built.net, optimizer, scheduler, ranks, train, source.padded)
+    run = Training(folder, train, ranks, data, built, step, source, checkpointer,
+                   TrainLog(folder, start_step, ranks.is_main, on_log), start_step, launched)
     run.eval_set(dataset, eval_batch_size or train.per_device_train_batch_size)
     run.announce()
     runtime = run.run()
-    return run.export(tok, runtime, resumed_from)
+    summary = run.export(tok, runtime, resumed_from)
+    ranks.close()  # only after a finished run: every rank is past its last collective
+    return summary
 
 
 class Training:
     """The loop over optimizer steps and what happens around each: logging, evaluation, checkpoints, export."""
 
-    def __init__(self, folder: Path, train: TrainSection, accelerator, data: TrainData, built: Built,
+    def __init__(self, folder: Path, train: TrainSection, ranks: Ranks, data: TrainData, built: Built,
                  step: StepRunner, source: BatchSource, checkpointer: Checkpointer, train_log: TrainLog,
                  start_step: int, launched: float):
-        self.folder, self.train, self.accelerator, self.data, self.built = folder, train, accelerator, data, built
+        self.folder, self.train, self.ranks, self.data, self.built = folder, train, ranks, data, built
         self.step, self.source, self.checkpointer, self.log = step, source, checkpointer, train_log
         self.start_step, self.launched, self.first_step_s = start_step, launched, None
-        self.device, self.world = accelerator.device, accelerator.num_processes
+        self.device, self.world = ranks.device, ranks.world
         self.tokens_per_step = data.per_step * data.seq_len
-        cfg = base_causal_lm(accelerator.unwrap_model(step.net)).config
+        cfg = base_causal_lm(ranks.unwrap(step.net)).config
         self.token_flops = flops_per_token(built.n_matmul, cfg.num_hidden_layers, cfg.hidden_size, data.seq_len)
         self.peak = peak_flops(self.device)
-        self.hf_flos_per_token = hf_total_flos(accelerator.unwrap_model(step.net), 1)  # HF Trainer's total_flos
+        self.hf_flos_per_token = hf_total_flos(ranks.unwrap(step.net), 1)  # HF Trainer's total_flos
         self.losses_sum, self.losses_n = 0.0, 0
 
     def eval_set(self, dataset: Artifact, batch_size: int) -> None:
@@ -254,7 +251,7 @@ class Training:
         from tqdm.auto import tqdm
 
         total = self.data.total_steps
-        main = self.accelerator.is_main_process
+        main = self.ranks.is_main
         progress = tqdm(total=total, initial=self.start_step, desc="train", unit="step", disable=not main or None)
         prefetch = Prefetch(self.source, self.start_step, total)
         running = self.checkpointer.running
@@ -310,9 +307,9 @@ class Training:
                 and (done % self.train.eval_steps == 0 or done == total)):
             return record
         eval_start = time.perf_counter()
-        loss, _ = eval_loss(self.accelerator.unwrap_model(self.step.net), self.eval_blocks, self.eval_lengths,
+        loss, _ = eval_loss(self.ranks.unwrap(self.step.net), self.eval_blocks, self.eval_lengths,
                             self.eval_batch_size, self.device, torch.bfloat16 if self.step.autocast_on else None,
-                            doc_starts=self.eval_starts, rank=self.accelerator.process_index, world=self.world)
+                            doc_starts=self.eval_starts, rank=self.ranks.rank, world=self.world)
         if record is None:  # LLaMA-Factory's LogCallback fields for an evaluation-only log line
             elapsed = time.perf_counter() - self.window.started
             record = {"current_steps": done, "total_steps": total, "epoch": round(self.source.epoch_at(done), 4),
@@ -335,17 +332,15 @@ class Training:
 
     def export(self, tok, runtime: float, resumed_from: Path | None) -> dict:
         """The final model, tokenizer and results files (rank 0); the run's summary."""
-        self.accelerator.wait_for_everyone()
+        self.ranks.barrier()
         net = self.step.net
-        full_weights = sharding.full_weights(net) if self.built.sharded else None  # a collective: every rank
+        full_weights = self.ranks.full_weights(net)  # FSDP: gathered on rank 0 (a collective: every rank); else None
         reports = [self.source.report()]
-        if self.world > 1 and reports[0] is not None:  # a collective too: every rank's stream tokenizing
-            from accelerate.utils import gather_object
-
-            reports = gather_object(reports)
-        if not self.accelerator.is_main_process:
+        if reports[0] is not None:  # a collective too: every rank's stream tokenizing
+            reports = self.ranks.gather(reports[0])
+        if not self.ranks.is_main:
             return {}
-        final = self.accelerator.unwrap_model(net)
+        final = self.ranks.unwrap(net)
         final.save_pretrained(self.folder, safe_serialization=True,
                               state_dict=None if full_weights is None else sharding.without_tied(final, full_weights))
         tok.save_pretrained(self.folder)

@@ -1,7 +1,7 @@
 """FSDP (`train.fsdp`): parameters, gradients and AdamW states sharded across the training processes.
 
 PyTorch's FSDP2 (`fully_shard`), one unit per decoder layer plus the root (embeddings, final norm,
-head), on the process group torchrun/accelerate set up (NCCL on GPUs, gloo on CPUs, so the CPU
+head), on the process group `distributed.Ranks` set up (NCCL on GPUs, gloo on CPUs, so the CPU
 tests exercise the same code). The rest of the train stage stays as it is: the same batches per
 rank as DDP. Checkpoints are sharded: every rank writes its own shards of the weights and AdamW
 states through `torch.distributed.checkpoint` (DCP), so a save moves no tensor between ranks and
@@ -92,8 +92,3 @@ def load_full_states(model, optimizer, weights: dict, optimizer_state: dict) -> 
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True, strict=False))
 
-
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Global gradient norm over the shards (clipping when max_norm > 0), as a plain tensor."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -9,14 +9,17 @@
 #   pt|<model>|<train_bench variant>        ptflow's train stage (bench/train_bench.py)
 #   lf|<model>|<LLaMA-Factory key=value>    the anchors' LLaMA-Factory run
 #   prof|<model>|<profile_train variant>    bench/profile_train.py: kernel-family breakdown of a bare step
-# $OUT gets log.txt (everything) and results.tgz (run JSONs and logs).
+#   gpu|-|<pytest -k expression>            tests/test_gpu.py on the lane's GPUs (skipped when under
+#                                            TEST_MIN_LEFT_S seconds remain of DEADLINE_S)
+# A pt line run twice in a lane is the compile-cache case: the store keeps its compile cache between runs.
+# $OUT gets log.txt (everything), lane-*.txt, results/ (each run's JSON, plain file names) and logs.tgz.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 OUT=${OUT:-/tmp/gpu-probe-out}
 WORK=${ANCHOR_WORK:-/tmp/anchors}
 RES=$OUT/results LOGS=$WORK/logs STORE=${STORE:-/tmp/ptflow-bench-store}
-SITE_LF=/tmp/site-lf SITE_CORE=/tmp/site-core
+SITE_LF=/tmp/site-lf SITE_CORE=/tmp/site-core DEADLINE_S=${DEADLINE_S:-560} TEST_MIN_LEFT_S=${TEST_MIN_LEFT_S:-90}
 STEPS=${STEPS:-40} SKIP=${SKIP:-10} MB=${MB:-8} SEQ=${SEQ:-2048}
 LANE_A=${LANE_A:-"lf|llama-1.1b|enable_liger_kernel=true
 pt|llama-1.1b|layers+flash
@@ -69,17 +72,25 @@ run_line() {  # run_line <gpus> <kind|model|arg>
           timeout -k 10 240 python3 .anchors/lf_anchor.py train --model-dir "$WORK/models/$model" --model-name "$model" \
           --dataset-dir "$WORK/data" --tokenized-path "$WORK/tokenized_$SEQ" --output-dir "$WORK/lf_out/$name" \
           --result "$RES/run_$name.json" --tag "$name" --mb "$MB" --steps "$STEPS" --skip "$SKIP" --cutoff "$SEQ" \
-          --num-proc 16 --lf-arg "$arg" > "$LOGS/$name.log" 2>&1; rc=$?; rm -rf "$WORK/lf_out/$name" ;;
+          --num-proc 16 --lf-arg "$arg" > "$LOGS/$name.log" 2>&1; rc=$?; rm -rf "$WORK/lf_out/$name"
+        mv "$RES/run_$name.json" "$RES/$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name").json" 2>/dev/null ;;
     pt) env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" TORCHINDUCTOR_CACHE_DIR="/tmp/cache/$name" \
           timeout -k 10 250 python3 bench/train_bench.py --anchors-work "$WORK" --models "$model" --variants "$arg" \
           --results "$RES" --store "$STORE-$devices" --mb "$MB" --seq "$SEQ" --steps "$STEPS" --skip "$SKIP" \
-          --gpus "$n" --timeout 240 > "$LOGS/$name.log" 2>&1; rc=$?; rm -rf "$STORE-$devices/cache/train" ;;  # 1.1b leaves 17 GB
+          --gpus "$n" --timeout 240 > "$LOGS/$name.log" 2>&1; rc=$?; rm -rf "$STORE-$devices/cache/train"  # 1.1b: 17 GB
+        plain=$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name-$start")  # the device tool returns plain file names only
+        mv "$RES/run_ptflow-${arg}_${model}_mb$MB.json" "$RES/$plain.json" 2>/dev/null ;;
+    gpu) if [ $((DEADLINE_S - SECONDS)) -lt "$TEST_MIN_LEFT_S" ]; then say "skip $name: too little time left"; return; fi
+         env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" timeout -k 5 $((DEADLINE_S - SECONDS - 10)) \
+           python3 -m pytest -q -p no:cacheprovider -m "integration or not integration" tests/test_gpu.py -k "$arg" > "$LOGS/$name.log" 2>&1; rc=$?
+         tail -15 "$LOGS/$name.log" ;;
     prof) env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" TORCHINDUCTOR_CACHE_DIR="/tmp/cache/$name" \
           timeout -k 10 200 python3 bench/profile_train.py --model-dir "$WORK/models/$model" --variant "$arg" \
           --mb "$MB" --seq "$SEQ" > "$LOGS/$name.log" 2>&1; rc=$? ;;
   esac
   say "end $name rc=$rc in $((SECONDS - start))s"
-  grep -hE "^ANCHOR_RESULT|^\| llama|tok/s|GPU busy|^  [a-z].* ms |first step|Error" "$LOGS/$name.log" | cut -c1-300 | head -30
+  grep -hE "^ANCHOR_RESULT|^\| llama|tok/s|GPU busy|^  [a-z].* ms |first step|Error|ptflow.train train: (resum|first)" \
+    "$LOGS/$name.log" | cut -c1-300 | head -30
 }
 lane() {  # lane <gpus> <lines>
   while IFS= read -r line; do [ -n "$line" ] && run_line "$1" "$line"; done <<< "$2"

@@ -152,7 +152,10 @@ def main() -> None:
     ap.add_argument("--tag", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.one:
+    if a.one:  # the stage's own log lines, timestamped: where a cold first step goes
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(name)s %(message)s", datefmt="%H:%M:%S")
         Path(a.result).write_text(json.dumps(run_one(a), indent=2))
         return
     if a.prepare_only:  # fill the store's tokenizer + dataset caches, so the timed variants start from them

@@ -37,7 +37,10 @@ def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab
               ranks: Ranks) -> Built:
     """The model to train on this rank's device, in its precision, with activation checkpointing, kernels, compile
     and its wrapper (DDP, or FSDP with `train.fsdp`) applied; build the optimizer after it (FSDP swaps parameters)."""
-    net = setup_finetuning(build_model(section, model_dir, vocab_size, seed), train)
+    sharded = train.fsdp and ranks.world > 1
+    # FSDP shards a model too big for one device: it is built on the CPU and sharded; otherwise built in place
+    init_device = ranks.device if ranks.device.type == "cuda" and not sharded else None
+    net = setup_finetuning(build_model(section, model_dir, vocab_size, seed, init_device), train)
     if train.pure_bf16:
         net.to(torch.bfloat16)
     if train.gradient_checkpointing:
@@ -47,7 +50,6 @@ def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_total, n_trainable = count_parameters(net)
     n_matmul = matmul_parameters(base_causal_lm(net))  # before sharding: full shapes
-    sharded = train.fsdp and ranks.world > 1
     speedups = apply_speedups(net, train.model_copy(update={"torch_compile": False}) if sharded else train)
     if sharded:
         if train.torch_compile:

@@ -37,8 +37,15 @@ def model_files(model_dir: Path, from_scratch: bool) -> list[Path]:
     return [config, *weights]
 
 
-def build_model(section: ModelSection, model_dir: Path, vocab_size: int, seed: int):
-    """The model in fp32 (master weights), from its config (random init) or from safetensors weights."""
+def build_model(section: ModelSection, model_dir: Path, vocab_size: int, seed: int,
+                init_device: torch.device | None = None):
+    """The model in fp32 (master weights), from its config (random init) or from safetensors weights.
+
+    `init_device`: where a from-scratch model is created and randomly initialised. On a GPU that takes a
+    fraction of a second for a 1B model, against seconds to tens of seconds on the CPU (one thread per rank
+    under torchrun), which is most of a cold first step. The weights differ from a CPU build with the same
+    seed (another random generator), as any GPU run's numbers do.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -46,7 +53,8 @@ def build_model(section: ModelSection, model_dir: Path, vocab_size: int, seed: i
     try:
         if section.train_from_scratch:
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=section.trust_remote_code)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+            with torch.device(init_device or "cpu"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:

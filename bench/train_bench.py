@@ -52,7 +52,7 @@ def train_section(variant: str, steps: int, mb: int, lr: float, gpus: int = 2):
         raise SystemExit(f"train_bench: unknown variant flag(s) {sorted(unknown)} in {variant!r}; known: {sorted(KNOWN_FLAGS)}")
     return TrainSection(finetuning_type="full", learning_rate=lr, max_steps=steps, per_device_train_batch_size=mb,
                         lr_scheduler_type="cosine", warmup_steps=10, max_grad_norm=1.0, logging_steps=10,
-                        save_steps=10**9, bf16=True, pure_bf16="pure" in flags,
+                        save_strategy="no", bf16=True, pure_bf16="pure" in flags,
                         torch_compile=bool({"compile", "layers"} & flags),
                         compile_scope="layers" if "layers" in flags else "model", enable_liger_kernel="liger" in flags,
                         sdpa_backend="cudnn" if "cudnn" in flags else "flash" if "flash" in flags else "auto",

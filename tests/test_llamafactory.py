@@ -387,11 +387,16 @@ def test_named_rejections(key, value, message, tmp_path, tiny_model_dir, tiny_da
     ("report_to", "wandb", "metrics go to the Prefect UI and trainer_log.jsonl"),
     ("ddp_timeout", 180000000, "torchrun DDP"),
     ("save_only_model", True, "checkpoints always hold the optimizer"),
-    ("save_strategy", "no", "checkpoints are written every save_steps"),
 ])
 def test_named_warnings(key, value, message, tiny_model_dir, tiny_data_dir):
     result = converted(minimal(tiny_model_dir, tiny_data_dir, **{key: value}))
     assert message in notes(result, "warning")[key] and not result.problems
+
+
+def test_save_strategy_no_is_read_and_epoch_is_refused(tmp_path, tiny_model_dir, tiny_data_dir):
+    assert load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, save_strategy="no"))).train.save_strategy == "no"
+    with pytest.raises(ConfigError, match=r"save_strategy.*'steps' or 'no'"):
+        load_config(write(tmp_path, minimal(tiny_model_dir, tiny_data_dir, save_strategy="epoch")))
 
 
 @pytest.mark.parametrize("value, attn, warned", [("auto", "sdpa", False), ("sdpa", "sdpa", False),

@@ -255,6 +255,10 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps; overrides warmup_ratio when > 0.")
     logging_steps: int = Field(10, ge=1, description="Log loss, lr, throughput every N steps.")
     save_steps: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_strategy: Literal["steps", "no"] = Field(
+        "steps", description="steps: a resumable checkpoint every save_steps and at the last step; no: none at all "
+        "(HF Trainer's save_strategy: no), so a stopped run starts over: for benchmarks, or models whose "
+        "checkpoint would not fit the disk.")
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate on the validation blocks every N steps (and at the end).")
     num_processes: int | None = Field(
@@ -323,7 +327,8 @@ class TrainSection(Section):
         # How often we log or checkpoint, and whether we resume, do not change the trained weights.
         fields = self.model_dump(mode="json")
         # Nor does use_cpu: keys never depend on where a stage runs (a GPU run's model serves a use_cpu config).
-        for name in ("logging_steps", "save_steps", "save_total_limit", "resume_from_checkpoint", "do_train", "use_cpu"):
+        for name in ("logging_steps", "save_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
+                     "do_train", "use_cpu"):
             fields.pop(name)
         return fields
 

@@ -276,7 +276,8 @@ class Training:
                 record = self.evaluate(done, record)
                 if record:
                     self.log.add(record)
-                if done % self.train.save_steps == 0 or done == total:  # the last step's too, as HF Trainer
+                if self.train.save_strategy == "steps" and (done % self.train.save_steps == 0 or done == total):
+                    # the last step's too, as HF Trainer
                     self.save(done)
                 faults.point(f"train:step-{done}")
         finally:

@@ -9,9 +9,11 @@
 #   pt|<model>|<train_bench variant>        ptflow's train stage (bench/train_bench.py)
 #   lf|<model>|<LLaMA-Factory key=value>    the anchors' LLaMA-Factory run
 #   prof|<model>|<profile_train variant>    bench/profile_train.py: kernel-family breakdown of a bare step
+#   mk|<new model>|<base>:key=value,...    a model folder: the base's config and tokenizer, config keys changed
 #   gpu|-|<pytest -k expression>            tests/test_gpu.py on the lane's GPUs (skipped when under
 #                                            TEST_MIN_LEFT_S seconds remain of DEADLINE_S)
 # A pt line run twice in a lane is the compile-cache case: the store keeps its compile cache between runs.
+# A 4th field sets a line's options: MB= STEPS= SKIP= (sizes), and for pt lines SAVE= KILL= KEEP= CUT= (below).
 # $OUT gets log.txt (everything), lane-*.txt, results/ (each run's JSON, plain file names) and logs.tgz.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -61,35 +63,66 @@ env PYTHONPATH="$SITE_CORE:$REPO" timeout 150 python3 bench/train_bench.py --pre
 wait $P1
 say "setup done"
 
-run_line() {  # run_line <gpus> <kind|model|arg>
-  local devices=$1 kind model arg name
-  IFS='|' read -r kind model arg <<< "$2"
+run_line() {  # run_line <gpus> <kind|model|arg[|VAR=value ...]>
+  local devices=$1 kind model arg opts name
+  IFS='|' read -r kind model arg opts <<< "$2"
   name="$kind-$model-$arg"
   local n=$(( $(tr -cd , <<< "$devices" | wc -c) + 1 )) start=$SECONDS rc
-  say "start $name on GPU $devices"
+  local MB=$MB STEPS=$STEPS SKIP=$SKIP SAVE="" KILL="" KEEP="" CUT=""  # a line's options override these
+  [ -n "$opts" ] && local $opts
+  say "start $name on GPU $devices ${opts:+($opts)}"
   case $kind in
+    mk) python3 - "$WORK/models" "$model" "$arg" <<'PY'  # mk|<new model>|<base model>:key=value,...
+import json, shutil, sys
+from pathlib import Path
+models, name, spec = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+base, _, edits = spec.partition(":")
+shutil.rmtree(models / name, ignore_errors=True)
+shutil.copytree(models / base, models / name, ignore=shutil.ignore_patterns("*.safetensors"))
+config = json.loads((models / name / "config.json").read_text())
+config.update({k: int(v) for k, v in (e.split("=") for e in edits.split(","))})
+(models / name / "config.json").write_text(json.dumps(config, indent=2))
+print(name, {k: config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                                     "num_key_value_heads", "vocab_size")})
+PY
+        rc=$? ;;
     lf) env PYTHONPATH="$SITE_LF" CUDA_VISIBLE_DEVICES="$devices" TORCHINDUCTOR_CACHE_DIR="/tmp/cache/$name" \
           timeout -k 10 240 python3 .anchors/lf_anchor.py train --model-dir "$WORK/models/$model" --model-name "$model" \
           --dataset-dir "$WORK/data" --tokenized-path "$WORK/tokenized_$SEQ" --output-dir "$WORK/lf_out/$name" \
           --result "$RES/run_$name.json" --tag "$name" --mb "$MB" --steps "$STEPS" --skip "$SKIP" --cutoff "$SEQ" \
           --num-proc 16 --lf-arg "$arg" > "$LOGS/$name.log" 2>&1; rc=$?; rm -rf "$WORK/lf_out/$name"
         mv "$RES/run_$name.json" "$RES/$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name").json" 2>/dev/null ;;
-    pt) env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" TORCHINDUCTOR_CACHE_DIR="/tmp/cache/$name" \
-          timeout -k 10 250 python3 bench/train_bench.py --anchors-work "$WORK" --models "$model" --variants "$arg" \
-          --results "$RES" --store "$STORE-$devices" --mb "$MB" --seq "$SEQ" --steps "$STEPS" --skip "$SKIP" \
-          --gpus "$n" --timeout 240 > "$LOGS/$name.log" 2>&1; rc=$?; rm -rf "$STORE-$devices/cache/train"  # 1.1b: 17 GB
+    pt) # SAVE=n: checkpoints every n steps; KILL=<fault point>: every rank SIGKILLs itself there (kill -9);
+        # KEEP=1: keep the train entry/work folder for the next line (a resume); CUT=1: stop once the log has
+        # step STEPS (skips the final export, for models whose export would eat the call) and keep its log
+        local store="$STORE-$devices" plain
         plain=$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name-$start")  # the device tool returns plain file names only
+        env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" TORCHINDUCTOR_CACHE_DIR="/tmp/cache/$name" \
+          ${KILL:+PTFLOW_KILL_AT=$KILL} setsid timeout -k 10 250 python3 bench/train_bench.py --anchors-work "$WORK" \
+          --models "$model" --variants "$arg" --results "$RES" --store "$store" --mb "$MB" --seq "$SEQ" \
+          --steps "$STEPS" --skip "$SKIP" --gpus "$n" --timeout 240 ${SAVE:+--save-steps $SAVE} > "$LOGS/$name.log" 2>&1 &
+        local pid=$!
+        if [ -n "$CUT" ]; then
+          until ! kill -0 $pid 2>/dev/null || [ $SECONDS -ge $DEADLINE_S ] || grep -qs "\"current_steps\": $STEPS," "$store"/cache/train/*.work/trainer_log.jsonl; do
+            sleep 2; done
+          kill -9 -- -$pid 2>/dev/null; sleep 2; pkill -9 -f "ptflow.train" 2>/dev/null; sleep 3  # torchrun: own group
+          cp "$store"/cache/train/*.work/trainer_log.jsonl "$RES/$plain.trainer_log.jsonl" 2>/dev/null
+          grep -h '"loss"' "$RES/$plain.trainer_log.jsonl" | cut -c1-400
+        fi
+        wait $pid; rc=$?
+        [ -n "$KEEP" ] || rm -rf "$store/cache/train"  # a 1.1b entry: 17 GB
         mv "$RES/run_ptflow-${arg}_${model}_mb$MB.json" "$RES/$plain.json" 2>/dev/null ;;
     gpu) if [ $((DEADLINE_S - SECONDS)) -lt "$TEST_MIN_LEFT_S" ]; then say "skip $name: too little time left"; return; fi
          env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" timeout -k 5 $((DEADLINE_S - SECONDS - 10)) \
-           python3 -m pytest -q -p no:cacheprovider -m "integration or not integration" tests/test_gpu.py -k "$arg" > "$LOGS/$name.log" 2>&1; rc=$?
+           python3 -m pytest -q -p no:cacheprovider -m "integration or not integration" tests/test_gpu.py -k "$arg" \
+           > "$LOGS/$name.log" 2>&1; rc=$?
          tail -15 "$LOGS/$name.log" ;;
     prof) env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" TORCHINDUCTOR_CACHE_DIR="/tmp/cache/$name" \
           timeout -k 10 200 python3 bench/profile_train.py --model-dir "$WORK/models/$model" --variant "$arg" \
           --mb "$MB" --seq "$SEQ" > "$LOGS/$name.log" 2>&1; rc=$? ;;
   esac
   say "end $name rc=$rc in $((SECONDS - start))s"
-  grep -hE "^ANCHOR_RESULT|^\| llama|tok/s|GPU busy|^  [a-z].* ms |first step|Error|ptflow.train train: (resum|first)" \
+  grep -hE "^ANCHOR_RESULT|^\| llama|tok/s|GPU busy|^  [a-z].* ms |first step|Error|ptflow.train train: (resum|first|[0-9,]+ param)" \
     "$LOGS/$name.log" | cut -c1-300 | head -30
 }
 lane() {  # lane <gpus> <lines>

@@ -43,7 +43,8 @@ def world_of(variant: str, gpus: int) -> int:
     return gpus if {"ddp", "fsdp"} & set(variant.split("+")) else 1
 
 
-def train_section(variant: str, steps: int, mb: int, lr: float, gpus: int = 2):
+def train_section(variant: str, steps: int, mb: int, lr: float, gpus: int = 2, save_steps: int | None = None):
+    """No checkpoints unless `save_steps` (LLaMA-Factory's anchor runs save_strategy: no too)."""
     from ptflow.config.schema import TrainSection
 
     flags = set(variant.split("+"))
@@ -52,7 +53,7 @@ def train_section(variant: str, steps: int, mb: int, lr: float, gpus: int = 2):
         raise SystemExit(f"train_bench: unknown variant flag(s) {sorted(unknown)} in {variant!r}; known: {sorted(KNOWN_FLAGS)}")
     return TrainSection(finetuning_type="full", learning_rate=lr, max_steps=steps, per_device_train_batch_size=mb,
                         lr_scheduler_type="cosine", warmup_steps=10, max_grad_norm=1.0, logging_steps=10,
-                        save_strategy="no", bf16=True, pure_bf16="pure" in flags,
+                        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, bf16=True, pure_bf16="pure" in flags,
                         torch_compile=bool({"compile", "layers"} & flags),
                         compile_scope="layers" if "layers" in flags else "model", enable_liger_kernel="liger" in flags,
                         sdpa_backend="cudnn" if "cudnn" in flags else "flash" if "flash" in flags else "auto",
@@ -86,7 +87,7 @@ def run_one(a) -> dict:
     started = time.perf_counter()
     model, tok, data, layout = prepare(a, a.model, a.variant)
     prep_s = time.perf_counter() - started
-    section = train_section(a.variant, a.steps, a.mb, a.lr, a.gpus)
+    section = train_section(a.variant, a.steps, a.mb, a.lr, a.gpus, a.save_steps)
     world = section.num_processes
     t0 = time.perf_counter()
     art = train(model, section, tok, data, layout, seed=0)
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--skip", type=int, default=10)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--save-steps", type=int, help="write a checkpoint every N steps (default: none); a re-run "
+                    "of the same variant and store resumes from the newest")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--gpus", type=int, default=2, help="processes for the ddp / fsdp variants")
     ap.add_argument("--prepare-only", action="store_true", help="only fill the store's tokenizer and dataset caches")
@@ -185,7 +188,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", "--anchors-work", a.anchors_work, "--model", model,
                    "--variant", variant, "--tag", tag, "--result", str(out), "--store", a.store, "--mb", str(a.mb),
                    "--seq", str(a.seq), "--steps", str(a.steps), "--skip", str(a.skip), "--lr", str(a.lr),
-                   "--gpus", str(a.gpus)]
+                   "--gpus", str(a.gpus), *(["--save-steps", str(a.save_steps)] if a.save_steps else [])]
             print(f"=== {tag}", flush=True)
             t0 = time.perf_counter()
             try:

@@ -9,7 +9,9 @@ with `lora_alpha` defaulting to twice the rank. Only safetensors weights are loa
 from __future__ import annotations
 
 import logging
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,7 +55,7 @@ def build_model(section: ModelSection, model_dir: Path, vocab_size: int, seed: i
     try:
         if section.train_from_scratch:
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=section.trust_remote_code)
-            with torch.device(init_device or "cpu"):
+            with torch.device(init_device or "cpu"), init_threads():
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True, **kwargs)
@@ -69,6 +71,23 @@ def build_model(section: ModelSection, model_dir: Path, vocab_size: int, seed: i
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model
+
+
+@contextmanager
+def init_threads():
+    """This rank's share of the host's cores while weights are initialised on the CPU.
+
+    torchrun sets OMP_NUM_THREADS=1, which leaves a model built on the CPU (FSDP builds there, then shards)
+    initialising billions of weights on one core each; the ranks of a node split the cores instead.
+    """
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(before, share))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def setup_finetuning(model, train: TrainSection):

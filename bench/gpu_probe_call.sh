@@ -9,6 +9,8 @@
 #   pt|<model>|<train_bench variant>        ptflow's train stage (bench/train_bench.py)
 #   lf|<model>|<LLaMA-Factory key=value>    the anchors' LLaMA-Factory run
 #   prof|<model>|<profile_train variant>    bench/profile_train.py: kernel-family breakdown of a bare step
+#   prep|-|<repeats>                       bench/prepare_bench.py --stage: the prepare stages vs LLaMA-Factory's
+#                                            preprocessing, 16 workers each (FIRST: before the lanes, CPUs idle)
 #   mk|<new model>|<base>:key=value,...    a model folder: the base's config and tokenizer, config keys changed
 #   gpu|-|<pytest -k expression>            tests/test_gpu.py on the lane's GPUs (skipped when under
 #                                            TEST_MIN_LEFT_S seconds remain of DEADLINE_S)
@@ -23,14 +25,22 @@ WORK=${ANCHOR_WORK:-/tmp/anchors}
 RES=$OUT/results LOGS=$WORK/logs STORE=${STORE:-/tmp/ptflow-bench-store}
 SITE_LF=/tmp/site-lf SITE_CORE=/tmp/site-core DEADLINE_S=${DEADLINE_S:-560} TEST_MIN_LEFT_S=${TEST_MIN_LEFT_S:-90}
 STEPS=${STEPS:-40} SKIP=${SKIP:-10} MB=${MB:-8} SEQ=${SEQ:-2048}
+# The default plan is the 2026-11-27 final call (docs/benchmarks.md): headline ratios and first steps in the
+# lanes, then DDP, an FSDP run killed (kill -9) after its checkpoint and resumed (its steady rate is the FSDP
+# efficiency), and the largest model trained here with FSDP (~11.3B, cut after STEPS: its export alone would
+# take minutes).
+FIRST=${FIRST:-"prep|-|2"}
 LANE_A=${LANE_A:-"lf|llama-1.1b|enable_liger_kernel=true
-pt|llama-1.1b|layers+flash
-pt|llama-1.1b|layers+flash+liger"}
-LANE_B=${LANE_B:-"prof|llama-1.1b|layers
-pt|llama-160m|compile+flex+liger
-lf|llama-160m|torch_compile=true
-prof|llama-1.1b|layers+liger"}
-BOTH=${BOTH:-"pt|llama-1.1b|layers+flash+ddp"}
+pt|llama-1.1b|layers
+pt|llama-1.1b|layers"}
+LANE_B=${LANE_B:-"lf|llama-160m|torch_compile=true
+pt|llama-160m|compile+flex
+pt|llama-160m|layers+flex"}
+BOTH=${BOTH:-"pt|llama-1.1b|layers+ddp
+pt|llama-1.1b|layers+fsdp|SAVE=20 KILL=train:step-22 KEEP=1
+pt|llama-1.1b|layers+fsdp|SAVE=20
+mk|llama-11b|llama-1.1b:hidden_size=5120,num_hidden_layers=40,intermediate_size=13824,num_attention_heads=40,num_key_value_heads=8
+pt|llama-11b|layers+fsdp|MB=1 STEPS=30 CUT=1"}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export HF_HOME=$WORK/hf_home HF_DATASETS_CACHE=$WORK/hf_cache
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the device's rule
@@ -51,7 +61,7 @@ P2=$!
   > "$LOGS/assets.log" 2>&1 || tail -20 "$LOGS/assets.log"
 wait $P1 $P2
 say "sites and assets ready"
-MODELS=$(printf '%s\n%s\n%s\n' "$LANE_A" "$LANE_B" "$BOTH" | awk -F'|' 'NF == 3 {print $2}' | sort -u | paste -sd, -)
+MODELS=$(printf '%s\n%s\n' "$LANE_A" "$LANE_B" | awk -F'|' '$1 == "pt" {print $2}' | sort -u | paste -sd, -)
 env PYTHONPATH="$SITE_LF" CUDA_VISIBLE_DEVICES=0 timeout 150 python3 .anchors/lf_anchor.py preprocess \
   --model-dir "$WORK/models/llama-1.1b" --model-name llama-1.1b --dataset-dir "$WORK/data" \
   --tokenized-path "$WORK/tokenized_$SEQ" --output-dir "$WORK/lf_out/preprocess" --result "$RES/lf_preprocess.json" \
@@ -112,6 +122,10 @@ PY
         wait $pid; rc=$?
         [ -n "$KEEP" ] || rm -rf "$store/cache/train"  # a 1.1b entry: 17 GB
         mv "$RES/run_ptflow-${arg}_${model}_mb$MB.json" "$RES/$plain.json" 2>/dev/null ;;
+    prep) env PYTHONPATH="$SITE_CORE:$REPO" timeout -k 5 150 python3 bench/prepare_bench.py --stage --assets "$WORK" \
+            --workers 16 --repeats "$arg" --lf-anchor .anchors/lf_anchor.py --lf-site "$SITE_LF" \
+            --json "$RES/prepare_stage.json" > "$LOGS/$name.log" 2>&1; rc=$?
+          tail -40 "$LOGS/$name.log" ;;
     gpu) if [ $((DEADLINE_S - SECONDS)) -lt "$TEST_MIN_LEFT_S" ]; then say "skip $name: too little time left"; return; fi
          env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" timeout -k 5 $((DEADLINE_S - SECONDS - 10)) \
            python3 -m pytest -q -p no:cacheprovider -m "integration or not integration" tests/test_gpu.py -k "$arg" \
@@ -130,6 +144,7 @@ lane() {  # lane <gpus> <lines>
 }
 # each lane's pt runs need their own store copy (a train entry per store): seed them from the prepared one
 cp -r "$STORE" "$STORE-0"; cp -r "$STORE" "$STORE-1"; cp -r "$STORE" "$STORE-0,1"
+lane "" "$FIRST"
 lane 0 "$LANE_A" > "$OUT/lane-a.txt" 2>&1 &
 P1=$!
 lane 1 "$LANE_B" > "$OUT/lane-b.txt" 2>&1 &

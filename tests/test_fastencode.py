@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -92,6 +93,21 @@ def test_characters_the_engines_disagree_on_go_to_rust():
     assert fast(texts) == exact(tok, texts)
     assert "\u0558" in fast.unsafe and "\x1c" not in fast.unsafe
     assert (fast.slow_docs, fast.fast_docs) == (1, 1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Tokenizer.from_file(str(QUICKSTART / "model" / "tokenizer.json")),
+    llama3_style,
+    lambda: train_tokenizer(pre_tokenizers.ByteLevel(), normalizers.NFKC()),
+], ids=["bytelevel", "split-then-bytelevel", "normalized"])
+def test_the_shape_is_read_from_the_rust_objects_as_tokenizer_json_says(make):
+    from ptflow.data.fastencode import _spec
+
+    tok = make()
+    full, spec = json.loads(tok.to_str()), _spec(tok)  # _spec skips serializing the vocabulary
+    assert spec["pre_tokenizer"] == full["pre_tokenizer"]
+    assert (spec["normalizer"] is None) == (full["normalizer"] is None)
+    assert sorted(t["content"] for t in spec["added_tokens"]) == sorted(t["content"] for t in full["added_tokens"])
 
 
 def test_unsupported_shapes_are_left_to_rust():

@@ -86,6 +86,7 @@ class ShardResult:
     hit: bool
     seconds: float = 0.0
     damaged: bool = False  # its stored entry was damaged and has been re-tokenized
+    started: float = 0.0  # wall clock (time.time()) when a process began building it: timelines across workers
 
 
 @dataclass
@@ -225,7 +226,7 @@ def content_hashes(texts: list[str]) -> np.ndarray:
 
 def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: Encoding) -> ShardResult:
     """Build (or find) one shard's artifact."""
-    started = time.perf_counter()
+    started, wall = time.perf_counter(), time.time()
 
     def build(folder: Path) -> dict:
         texts = read_shard(task.shard)
@@ -238,7 +239,7 @@ def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: 
 
     artifact = build_or_reuse(layout, STAGE, task.components, build, quiet=True)
     return ShardResult(task.shard, artifact.path, artifact.stats["documents"], artifact.stats["tokens"], artifact.hit,
-                       time.perf_counter() - started, artifact.reason.startswith("cached entry is"))
+                       time.perf_counter() - started, artifact.reason.startswith("cached entry is"), wall)
 
 
 def open_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -392,6 +392,7 @@ def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, worker
     pool = WorkerPool(workers, worker_state, (encoding, str(layout.root)))
     futures: dict[Future, tuple[str, int]] = {}
     stored = 0  # shard results this process has received from its workers (each in the store by then)
+    finished = False
     try:
         # max_samples sources first and in order (their later shards may be cancelled), then largest first
         order = sorted(todo, key=lambda t: (t[0] not in limits, t[1] if t[0] in limits else -tasks[t[0]][t[1]].size))
@@ -413,8 +414,9 @@ def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, worker
                     for other, (n2, j) in futures.items():
                         if n2 == name and j >= enough and other in pending and other.cancel():
                             pending.discard(other)
+        finished = True
     finally:
-        pool.close()
+        pool.close(wait=not finished)  # done: the idle workers exit in the background; failed: none still writes
         progress.close()
 
 

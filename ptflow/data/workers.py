@@ -10,15 +10,19 @@ serialized JSON, the store layout) and then runs module-level functions `fn(stat
 Starting workers is a fixed cost of every tokenizing job (on 16 cores it rivals the tokenizing itself on a
 corpus of tens of millions of tokens): the fork server, a fresh interpreter importing the tokenizing modules,
 is started once per process, and `start_early()` starts it in the background while the caller still hashes
-inputs and loads the tokenizer; each worker then forks from it with those modules already imported.
+inputs and loads the tokenizer; each worker then forks from it with those modules already imported. Workers
+never re-run the parent's `__main__` (multiprocessing would, in every worker: for a deployed flow run that is
+`prefect.engine`, seconds of imports each), so `setup` and `fn` must live in importable modules.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 
 _STATE: dict = {}
 # what every tokenizer worker imports, imported once in the fork server instead (tokenizers and regex are
@@ -75,8 +79,29 @@ class WorkerPool:
                                             initargs=(setup, args))
 
     def submit(self, fn: Callable[[dict, object], object], item: object) -> Future:
-        return self.executor.submit(_call, fn, item)
+        with _main_left_alone():  # the executor starts its worker processes inside submit
+            return self.executor.submit(_call, fn, item)
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers; queued items are cancelled."""
         self.executor.shutdown(wait=wait, cancel_futures=True)
+
+
+@contextmanager
+def _main_left_alone() -> Iterator[None]:
+    """Hide where `__main__` came from while worker processes start, so that multiprocessing does not tell
+    them to import it (it reads `__main__.__spec__` and `__file__` to decide). The module object itself stays
+    in place: other threads that pickle its objects meanwhile are unaffected."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        if "__spec__" not in saved:
+            main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)

@@ -408,7 +408,7 @@ def measure_stage(args) -> None:
           f"(longest shard {w['longest_shard_s']:.2f} s); {best['tokens']:,} tokens in {best['blocks']:,} blocks; peak RSS {best['peak_rss_mib']:.0f} MiB; "
           f"outside the clock: import transformers {best['import_transformers_s']:.2f} s")
     if args.workers < 16:
-        print(f"  estimate on 16 workers (parent phases as measured, workers' CPU s / 16 + the longest shard): "
+        print(f"  estimate on 16 workers (other phases as measured; tokenize = workers' CPU s / 16 + the longest shard): "
               f"{best['estimate_16_workers_s']:.2f} s")
     if runs.get("lf"):
         lf = min(runs["lf"], key=lambda r: r["seconds"])

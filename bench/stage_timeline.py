@@ -22,14 +22,19 @@ WRAPPED = [
     ("ptflow.data.dataset", "check_sources", "check sources (first record of each file)"),
     ("ptflow.data.dataset", "open_tokenizer", "load tokenizer (AutoTokenizer)"),
     ("ptflow.data.tokenizer", "open_tokenizer", "load tokenizer (AutoTokenizer)"),
+    ("ptflow.data.dataset", "plan_shards", "plan shards, look up the token cache"),
     ("ptflow.data.shards", "plan_tasks", "plan shards, look up the token cache"),
     ("ptflow.data.shards", "cached", "plan shards, look up the token cache"),
+    ("ptflow.data.shards", "encoding_for", "serialize the tokenizer for the workers"),
     ("ptflow.data.shards", "_read_index", "token cache index"),
     ("ptflow.data.shards", "_update_index", "token cache index"),
     ("ptflow.data.dataset", "_build_stored", "order, pack, write blocks"),
+    ("ptflow.store.entries", "explain_miss", "explain the miss (newest entry of the stage)"),
     ("ptflow.store.entries", "files_digest", "digest outputs"),
     ("ptflow.store.entries", "make_read_only", "manifest, read-only, rename"),
     ("ptflow.store.entries", "write_json_atomic", "manifest, read-only, rename"),
+    ("ptflow.data.dataset", "log_summary", "log the summary"),
+    ("ptflow.data.tokenizer", "fix_special_tokens", "fix special tokens"),
 ]
 POOL = ("ptflow.data.shards", "WorkerPool")
 SHARDS = ("ptflow.data.dataset", "tokenize_sources")  # its result: every shard, with the workers' timings
@@ -153,10 +158,12 @@ def worker_summary(shard_results: list, workers: int) -> dict:
 
 
 def estimate(rows: list[tuple[str, str, float]], summary: dict, cores: int) -> float:
-    """Stage seconds on `cores` workers if the parent's phases stay as measured and the workers' CPU time (their
-    start included) divides evenly, plus one longest shard for the tail: an Amdahl estimate, not a measurement.
-    CPU time rather than the shards' wall time: on a shared machine the latter counts other people's work."""
+    """Stage seconds on `cores` workers: every phase as measured except the tokenizing, which becomes the workers'
+    CPU seconds / cores plus one longest shard (the tail). An Amdahl estimate, not a measurement; CPU time rather
+    than the shards' wall time, which on a shared machine counts other people's work. Worker start stays as
+    measured (it does not shrink with more cores), and the workers' start-up CPU is counted again in their CPU
+    seconds: the estimate errs high."""
     total = sum(s for _, phase, s in rows if phase == "= stage total")
-    pool = sum(s for _, phase, s in rows if phase.startswith(("tokenize in workers", "start worker processes")))
+    tokenize = sum(s for _, phase, s in rows if phase.startswith("tokenize in workers"))
     longest = summary["longest_shard_s"] * summary["worker_cpu_s"] / max(summary["shard_busy_s"], 1e-9)  # as CPU s
-    return total - pool + summary["worker_cpu_s"] / cores + longest
+    return total - tokenize + summary["worker_cpu_s"] / cores + longest

@@ -4,6 +4,8 @@
     python bench/prepare_bench.py --build /tmp/prep-assets               # build them here first (stdlib, ~30 s)
     python bench/prepare_bench.py --assets /tmp/anchors --repeats 3 --json results.json
     python bench/prepare_bench.py --rss 10e6,50e6,200e6 --scratch /tmp/prep-rss  # peak RSS per corpus size
+    python bench/prepare_bench.py --stage --assets /tmp/anchors --workers 16 --repeats 3 \
+        --lf-anchor .anchors/lf_anchor.py --lf-site /tmp/site-lf --json stage.json  # the stages end to end vs LF
 
 Every measurement runs in a fresh Python process, one after the other (never concurrently), in
 alternating order over --repeats rounds, so the two sides see the same machine state:
@@ -23,6 +25,16 @@ alternating order over --repeats rounds, so the two sides see the same machine s
 preparing process (VmHWM), seconds and tokens/s. Flat peak RSS across sizes is the point: memory is
 bounded by a shard, not by the corpus (each tokenizer worker holds one shard at a time).
 PTFLOW_BENCH_CODE=/other/checkout measures another version of ptflow with the same driver.
+
+--stage times what the flow runs from a cold store, end to end: the load_tokenizer and
+prepare_dataset stage functions (each planned: key with input digests, then built), Prefect
+excluded, transformers imported before the clock (printed on its own), in a fresh process per
+round, and prints the best round's phases (bench/stage_timeline.py: hash, check, load the
+tokenizer, start workers, tokenize, pack, digest, manifest; every second in one phase) with a
+16-worker estimate when run on fewer. --lf-anchor runs the anchors' own lf_anchor.py preprocess
+(LLaMA-Factory's get_dataset(stage="pt"), num_proc = --workers, tokenizer load and save excluded)
+in the same rounds, alternating, with --lf-site first on its PYTHONPATH and the first model folder
+of ASSETS/models (build_assets.py --models llama-160m), and prints LF seconds / ptflow seconds.
 
 The ratio is LF seconds / ptflow seconds (the same corpus in, blocks out); "vs lf (CPU)" compares
 CPU seconds of each run's whole process tree, which stays meaningful on a machine shared with
@@ -404,15 +416,18 @@ def measure_stage(args) -> None:
         share = 100 * p["seconds"] / best["seconds"]
         print(f"  {p['stage']:<16} {p['phase']:<{width}} {p['seconds']:8.3f} s {share:5.1f}%")
     w = best["workers"]
-    print(f"  workers: {w['shards_built']} shards built in {w['shard_busy_s']:.2f} busy s, {w['worker_cpu_s']:.2f} CPU s "
-          f"(longest shard {w['longest_shard_s']:.2f} s); {best['tokens']:,} tokens in {best['blocks']:,} blocks; peak RSS {best['peak_rss_mib']:.0f} MiB; "
-          f"outside the clock: import transformers {best['import_transformers_s']:.2f} s")
+    print(f"  workers: {w['shards_built']} shards built in {w['shard_busy_s']:.2f} busy s, {w['worker_cpu_s']:.2f} "
+          f"CPU s (longest shard {w['longest_shard_s']:.2f} s); {best['tokens']:,} tokens in {best['blocks']:,} "
+          "blocks; "
+          f"peak RSS {best['peak_rss_mib']:.0f} MiB; outside the clock: import transformers "
+          f"{best['import_transformers_s']:.2f} s")
     if args.workers < 16:
-        print(f"  estimate on 16 workers (other phases as measured; tokenize = workers' CPU s / 16 + the longest shard): "
-              f"{best['estimate_16_workers_s']:.2f} s")
+        print("  estimate on 16 workers (other phases as measured; tokenize = workers' CPU s / 16 + the longest "
+              f"shard): {best['estimate_16_workers_s']:.2f} s")
     if runs.get("lf"):
         lf = min(runs["lf"], key=lambda r: r["seconds"])
-        print(f"  LLaMA-Factory get_dataset(stage=pt), {lf['num_proc']} processes, save excluded: {lf['seconds']:.2f} s "
+        print(f"  LLaMA-Factory get_dataset(stage=pt), {lf['num_proc']} processes, save excluded: "
+              f"{lf['seconds']:.2f} s "
               f"(best of {len(runs['lf'])}: {_seconds(runs['lf'])} s); "
               f"{lf['tokens']:,} tokens in {lf['blocks']:,} blocks")
         print(f"  ratio LF / ptflow stage: {lf['seconds'] / best['seconds']:.2f}x (target >= 2x); CPU "

@@ -15,6 +15,7 @@ def test_workers_do_not_run_the_parents_main_module(tmp_path):
     script = tmp_path / "heavy_main.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys
+        from concurrent.futures import ThreadPoolExecutor
         sys.path.insert(0, {str(ROOT)!r})
         with open({str(runs)!r}, "a") as f:  # stands for a heavy main module's imports (prefect.engine)
             f.write(f"{{os.getpid()}}\\n")
@@ -25,7 +26,9 @@ def test_workers_do_not_run_the_parents_main_module(tmp_path):
         if __name__ == "__main__":
             start_early()
             pool = WorkerPool(2, dict, ())
-            pids = {{pool.submit(pid_of, i).result() for i in range(4)}}
+            with ThreadPoolExecutor(4) as threads:  # submitted from several threads at once
+                futures = list(threads.map(lambda i: pool.submit(pid_of, i), range(8)))
+            pids = {{future.result() for future in futures}}
             pool.close()
             assert pids and os.getpid() not in pids, pids
             assert __spec__ is None and __file__ == {str(script)!r}  # restored once the workers started

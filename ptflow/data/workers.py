@@ -20,11 +20,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 
 _STATE: dict = {}
+_MAIN_LOCK = threading.Lock()  # one thread at a time hides and restores __main__'s origin (see _main_left_alone)
 # what every tokenizer worker imports, imported once in the fork server instead (tokenizers and regex are
 # imported lazily by the worker's setup; a module missing here is skipped by multiprocessing)
 PRELOAD = ["ptflow.data.shards", "tokenizers", "regex"]
@@ -96,12 +98,13 @@ def _main_left_alone() -> Iterator[None]:
     if main is None:
         yield
         return
-    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__spec__ = None
-    try:
-        yield
-    finally:
-        if "__spec__" not in saved:
-            main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
+    with _MAIN_LOCK:  # two threads interleaving would restore each other's hidden state
+        saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            if "__spec__" not in saved:
+                main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)

@@ -95,6 +95,17 @@ def test_characters_the_engines_disagree_on_go_to_rust():
     assert (fast.slow_docs, fast.fast_docs) == (1, 1)
 
 
+def test_the_factored_gpt2_pattern_splits_as_gpt2s_own():
+    import regex
+
+    from ptflow.data.fastencode import GPT2_PATTERN
+
+    gpt2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    factored = regex.compile(GPT2_PATTERN)
+    texts = [t for seed in range(1, 6) for t in corpus(seed)] + ["it's don't we're they've I'm we'll he'd x'S x'x x'' x'red 'llama'"]
+    assert [factored.findall(t) for t in texts] == [gpt2.findall(t) for t in texts]
+
+
 @pytest.mark.parametrize("make", [
     lambda: Tokenizer.from_file(str(QUICKSTART / "model" / "tokenizer.json")),
     llama3_style,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 from tiny_assets import QUICKSTART
 from tokenizers import (
@@ -136,7 +137,8 @@ def test_a_fast_path_that_differs_is_switched_off(caplog):
     tok = Tokenizer.from_file(str(QUICKSTART / "model" / "tokenizer.json"))
     encoder = Encoder(tok)
     assert encoder.fast is not None
-    encoder.fast.cache["hello"] = [7, 7, 7]  # corrupt the piece cache: the fast path is now wrong
+    wrong = np.array([7, 7, 7], dtype=encoder.fast.dtype).tobytes()
+    encoder.fast.cache["hello"] = wrong  # corrupt the piece cache: the fast path is now wrong
     texts = ["hello world", "say hello"]
     encoder.check(texts, "a shard")
     assert encoder.fast is None and "differs from the tokenizer on a shard" in caplog.text

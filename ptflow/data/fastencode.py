@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 from itertools import chain
 
+import numpy as np
+
 # GPT-2's pattern ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) with the
 # contractions' apostrophe and the optional leading space factored out. The same matches: alternation is
 # leftmost-first, and the order in which the alternatives that can match at a position are tried is
@@ -65,7 +67,9 @@ class WordEncoder:
         self.add_prefix_space = add_prefix_space
         self.added = regex.compile("|".join(regex.escape(a) for a in sorted(added, key=len, reverse=True))) \
             if added else None
-        self.cache: dict[str, list[int]] = {}
+        # ids are kept packed in the store's token dtype: a document is then a bytes join of cached pieces
+        self.dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 1 << 16 else np.uint32)
+        self.cache: dict[str, bytes] = {}  # piece -> its ids, as the bytes of a `dtype` array
         self.safe: set[str] = set()
         self.unsafe: set[str] = set()
         self.fast_docs = 0
@@ -101,6 +105,10 @@ class WordEncoder:
             return None
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [np.frombuffer(doc, self.dtype).tolist() for doc in self.packed(texts)]
+
+    def packed(self, texts: list[str]) -> list[bytes]:
+        """Each text's ids as the bytes of a `self.dtype` array (what `__call__` lists)."""
         pieces: list[list[str] | None] = []
         for text in texts:
             if self._eligible(text):
@@ -111,19 +119,20 @@ class WordEncoder:
         if len(self.cache) + len(missing) > MAX_CACHED_PIECES:
             self.cache.clear()
             missing = set(chain.from_iterable(p for p in pieces if p is not None))
-        tokenize = self.model.tokenize
+        tokenize, dtype = self.model.tokenize, self.dtype
         for piece in missing:
-            self.cache[piece] = [t.id for t in tokenize("".join(BYTE_CHARS[b] for b in piece.encode("utf-8")))]
+            ids = [t.id for t in tokenize("".join(BYTE_CHARS[b] for b in piece.encode("utf-8")))]
+            self.cache[piece] = np.array(ids, dtype=dtype).tobytes()
         slow = [i for i, p in enumerate(pieces) if p is None]
-        out: list[list[int]] = [None] * len(texts)  # type: ignore[list-item]
+        out: list[bytes] = [b""] * len(texts)
         if slow:
             batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
             for i, enc in zip(slow, batch([texts[i] for i in slow], add_special_tokens=False)):
-                out[i] = enc.ids
+                out[i] = np.array(enc.ids, dtype=dtype).tobytes()
         get = self.cache.__getitem__
         for i, p in enumerate(pieces):
             if p is not None:
-                out[i] = list(chain.from_iterable(map(get, p)))
+                out[i] = b"".join(map(get, p))
         self.fast_docs += len(texts) - len(slow)
         self.slow_docs += len(slow)
         return out

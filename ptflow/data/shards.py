@@ -130,9 +130,17 @@ def shard_components(shard: Shard, file_digest: str, tokenizer_digest: str, code
 
 def encode_texts(texts: list[str], encode: Callable[[list[str]], list[list[int]]], eos: int, dtype: np.dtype,
                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens: each text's ids + EOS, concatenated; doc_ends: cumulative end of each document)."""
+    """(tokens: each text's ids + EOS, concatenated; doc_ends: cumulative end of each document). An encoder with
+    `packed(texts, dtype)` (the fast path) hands over each document's ids as bytes: joined with EOS, no lists."""
     parts, lengths = [], []
+    packed = getattr(encode, "packed", None)
+    eos_bytes = np.array([eos], dtype=dtype).tobytes()
     for start in range(0, len(texts), batch_size):
+        docs = packed(texts[start: start + batch_size], dtype) if packed is not None else None
+        if docs is not None:
+            parts.append(np.frombuffer(eos_bytes.join(docs) + eos_bytes, dtype=dtype))
+            lengths.append(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)) // dtype.itemsize + 1)
+            continue
         ids = encode(texts[start: start + batch_size])
         for doc in ids:
             doc.append(eos)
@@ -189,6 +197,13 @@ class Encoder:
         if self.fast is not None:
             return self.fast(texts)
         return self.exact(texts)
+
+    def packed(self, texts: list[str], dtype: np.dtype) -> list[bytes] | None:
+        """Each text's ids as the bytes of a `dtype` array, from the fast path; None without it (or in another
+        dtype), and the caller lists ids instead."""
+        if self.fast is None or self.fast.dtype != dtype:
+            return None
+        return self.fast.packed(texts)
 
     def exact(self, texts: list[str]) -> list[list[int]]:
         if self.rust is None:

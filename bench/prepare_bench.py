@@ -180,6 +180,7 @@ def run_stage(data: Path, tokenizer: Path, cutoff: int, workers: int, store: Pat
             planned = dataset.STAGE.plan(section, tok, layout, 42)
         artifact = planned.build()
     seconds = time.perf_counter() - started
+    _wait_for_workers()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     _reap_fork_server()  # the workers' CPU time: the fork server reaped them, this process reaps it
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -325,6 +326,16 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def _wait_for_workers(limit_s: float = 60.0) -> None:
+    """Until every worker process has exited and been reaped (the stage lets its pool go without waiting), so that
+    their CPU time is in the fork server's, and then in this process's, children's rusage."""
+    import multiprocessing
+
+    deadline = time.monotonic() + limit_s
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _reap_fork_server() -> None:
     """Stop and wait for multiprocessing's fork server (ptflow's tokenizer workers are its children), so the CPU
     time of the workers it reaped is counted in this process tree's rusage."""
@@ -345,7 +356,10 @@ def measure(kind: str, args) -> dict:
         cmd += ["--scratch", str(args.scratch)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    # CODE first for the tokenizer workers too: their fork server is a fresh interpreter that may import its preloaded
+    # modules from its own sys.path, working directory first (Python 3.11 does), not from the child's
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(CODE), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(CODE), env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:

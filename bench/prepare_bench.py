@@ -4,6 +4,8 @@
     python bench/prepare_bench.py --build /tmp/prep-assets               # build them here first (stdlib, ~30 s)
     python bench/prepare_bench.py --assets /tmp/anchors --repeats 3 --json results.json
     python bench/prepare_bench.py --rss 10e6,50e6,200e6 --scratch /tmp/prep-rss  # peak RSS per corpus size
+    python bench/prepare_bench.py --stage --assets /tmp/anchors --workers 16 --repeats 3 \
+        --lf-anchor .anchors/lf_anchor.py --lf-site /tmp/site-lf --json stage.json  # the stages end to end vs LF
 
 Every measurement runs in a fresh Python process, one after the other (never concurrently), in
 alternating order over --repeats rounds, so the two sides see the same machine state:
@@ -23,6 +25,16 @@ alternating order over --repeats rounds, so the two sides see the same machine s
 preparing process (VmHWM), seconds and tokens/s. Flat peak RSS across sizes is the point: memory is
 bounded by a shard, not by the corpus (each tokenizer worker holds one shard at a time).
 PTFLOW_BENCH_CODE=/other/checkout measures another version of ptflow with the same driver.
+
+--stage times what the flow runs from a cold store, end to end: the load_tokenizer and
+prepare_dataset stage functions (each planned: key with input digests, then built), Prefect
+excluded, transformers imported before the clock (printed on its own), in a fresh process per
+round, and prints the best round's phases (bench/stage_timeline.py: hash, check, load the
+tokenizer, start workers, tokenize, pack, digest, manifest; every second in one phase) with a
+16-worker estimate when run on fewer. --lf-anchor runs the anchors' own lf_anchor.py preprocess
+(LLaMA-Factory's get_dataset(stage="pt"), num_proc = --workers, tokenizer load and save excluded)
+in the same rounds, alternating, with --lf-site first on its PYTHONPATH and the first model folder
+of ASSETS/models (build_assets.py --models llama-160m), and prints LF seconds / ptflow seconds.
 
 The ratio is LF seconds / ptflow seconds (the same corpus in, blocks out); "vs lf (CPU)" compares
 CPU seconds of each run's whole process tree, which stays meaningful on a machine shared with
@@ -137,6 +149,70 @@ def run_ptflow(data: Path, tokenizer: Path, cutoff: int, workers: int, store: Pa
             "dropped": artifact.stats["dropped_tokens"]}
 
 
+def run_stage(data: Path, tokenizer: Path, cutoff: int, workers: int, store: Path) -> dict:
+    """The tokenizer + prepare_dataset stages end to end on an empty store, as the flow calls them (each stage
+    planned: its input digests, then built), Prefect excluded; with the phase breakdown of stage_timeline.py."""
+    sys.path.insert(0, str(CODE))
+    # What the flow's process has imported before its stages run (tasks.stages: the stage modules, and torch via
+    # the train stage, which this measure leaves out). transformers is not among them: the tokenizer stage
+    # imports it on a miss; timed here on its own, outside the stage clock, as LLaMA-Factory's is outside its own.
+    import_started = time.perf_counter()
+    from transformers import AutoTokenizer  # noqa: F401
+    import_s = time.perf_counter() - import_started
+
+    from stage_timeline import Timeline, estimate, worker_summary
+
+    from ptflow.data import dataset
+    from ptflow.data import tokenizer as tokenizer_stage
+    from ptflow.store.layout import Layout
+
+    timeline = Timeline.install()
+    layout = Layout(store)
+    model = _model_section(tokenizer)
+    section = _section(data, cutoff, workers)
+    started = time.perf_counter()
+    with timeline.stage("load_tokenizer"):
+        with timeline.phase("hash tokenizer files (key)"):
+            planned = tokenizer_stage.STAGE.plan(model, layout)
+        tok = planned.build()
+    with timeline.stage("prepare_dataset"):
+        with timeline.phase("hash inputs (key)"):
+            planned = dataset.STAGE.plan(section, tok, layout, 42)
+        artifact = planned.build()
+    seconds = time.perf_counter() - started
+    _wait_for_workers()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _reap_fork_server()  # the workers' CPU time: the fork server reaped them, this process reaps it
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rows = timeline.phases()
+    summary = worker_summary(timeline.shard_results, workers)
+    summary["worker_cpu_s"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 3)
+    return {"seconds": seconds, "import_transformers_s": import_s, "blocks": artifact.stats["train_blocks"],
+            "tokens": artifact.stats["train_tokens"], "peak_rss_mib": _peak_rss_mib(),
+            "phases": [{"stage": st, "phase": ph, "seconds": round(sec, 4)} for st, ph, sec in rows],
+            "workers": summary, "estimate_16_workers_s": round(estimate(rows, summary, 16), 3)}
+
+
+def _model_section(tokenizer: Path):
+    try:
+        from ptflow.config.schema import ModelSection
+    except ImportError:  # no pydantic: a stand-in with what load_tokenizer reads
+        import dataclasses
+
+        @dataclasses.dataclass
+        class ModelSection:  # noqa: D401 - mirrors ptflow.config.ModelSection's tokenizer fields
+            model_name_or_path: str
+            model_revision: str = "main"
+            use_fast_tokenizer: bool = True
+            trust_remote_code: bool = False
+
+            def tokenizer_fields(self) -> dict:
+                return {"model_revision": self.model_revision, "use_fast_tokenizer": self.use_fast_tokenizer,
+                        "trust_remote_code": self.trust_remote_code}
+
+    return ModelSection(model_name_or_path=str(tokenizer))
+
+
 def _section(data: Path, cutoff: int, workers: int):
     fields = {"dataset": ["stdlib_py"], "dataset_dir": str(data), "cutoff_len": cutoff,
               "preprocessing_num_workers": workers}
@@ -237,6 +313,8 @@ def child(args) -> None:
             result = run_lf(data, tokenizer, args.cutoff, args.workers, scratch / "hf-cache")
         elif args.child == "ptflow":
             result = run_ptflow(data, tokenizer, args.cutoff, args.workers, scratch / "store")
+        elif args.child == "stage":
+            result = run_stage(data, tokenizer, args.cutoff, args.workers, scratch / "store")
         else:  # ptflow-repack: fill the shard cache untimed, then time a cutoff change
             run_ptflow(data, tokenizer, args.cutoff, args.workers, scratch / "store")
             before = _cpu()
@@ -246,6 +324,16 @@ def child(args) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         _reap_fork_server()
     print("RESULT " + json.dumps(result))
+
+
+def _wait_for_workers(limit_s: float = 60.0) -> None:
+    """Until every worker process has exited and been reaped (the stage lets its pool go without waiting), so that
+    their CPU time is in the fork server's, and then in this process's, children's rusage."""
+    import multiprocessing
+
+    deadline = time.monotonic() + limit_s
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _reap_fork_server() -> None:
@@ -268,7 +356,10 @@ def measure(kind: str, args) -> dict:
         cmd += ["--scratch", str(args.scratch)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    # CODE first for the tokenizer workers too: their fork server is a fresh interpreter that may import its preloaded
+    # modules from its own sys.path, working directory first (Python 3.11 does), not from the child's
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(CODE), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(CODE), env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -280,6 +371,88 @@ def measure(kind: str, args) -> dict:
     print(f"  {kind:<14} {result['seconds']:7.2f} s  {result['tokens'] / result['seconds'] / 1e6:6.3f}M tok/s  "
           f"{result['cpu_seconds']:7.1f} CPU s (process tree)  load avg before {load:.1f}", file=sys.stderr)
     return result
+
+
+def run_lf_anchor(args) -> dict:
+    """The anchors' `lf_anchor.py preprocess` (LLaMA-Factory's get_dataset(stage="pt"), save time excluded) on the
+    same corpus and process count, in its own process with a fresh datasets cache."""
+    models = args.assets / "models"
+    names = sorted(p.name for p in models.iterdir() if (p / "config.json").is_file()) if models.is_dir() else []
+    name = args.lf_model or (names[0] if names else None)
+    if name is None or not (models / name / "config.json").is_file():
+        sys.exit(f"{models}: no model folder {name or ''} with config.json for LLaMA-Factory "
+                 "(build_assets.py --models llama-160m writes one); or name one with --lf-model")
+    scratch = Path(tempfile.mkdtemp(prefix="prepare-bench-lf-", dir=args.scratch))
+    env = {**os.environ, "HF_DATASETS_CACHE": str(scratch / "hf-cache"), "HF_HUB_OFFLINE": "1"}
+    if args.lf_site:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.lf_site.resolve()), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, str(args.lf_anchor.resolve()), "preprocess", "--model-dir", str(models / name),
+           "--dataset-dir", str(args.assets / "data"), "--output-dir", str(scratch / "out"),
+           "--result", str(scratch / "lf.json"), "--cutoff", str(args.cutoff), "--num-proc", str(args.workers)]
+    cmd += ["--no-bf16"] if args.lf_cpu else []
+    before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode or not (scratch / "lf.json").is_file():
+            sys.exit(f"lf_anchor.py preprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        res = json.loads((scratch / "lf.json").read_text())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = {"seconds": res["preprocess_s"], "get_dataset_s": res["get_dataset_s"],
+              "save_to_disk_s": res["save_to_disk_s"], "tokenizer_load_s": res["tokenizer_load_s"],
+              "blocks": res["blocks"], "tokens": res["tokens_packed"], "num_proc": res["num_proc"], "model": name,
+              "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+              "loadavg_before": load}
+    print(f"  {'lf_anchor':<14} {result['seconds']:7.2f} s  {result['tokens'] / result['seconds'] / 1e6:6.3f}M tok/s  "
+          f"{result['cpu_seconds']:7.1f} CPU s (process tree, imports included)  load avg before {load:.1f}",
+          file=sys.stderr)
+    return result
+
+
+def measure_stage(args) -> None:
+    """--stage: the two stages end to end in a fresh process per round, alternating with LLaMA-Factory's
+    preprocessing when --lf-anchor is given; the best round's phases, the ratio, and a 16-worker estimate."""
+    kinds = ["stage"] + (["lf"] if args.lf_anchor else [])
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    print(f"prepare_bench --stage: {args.assets}, cutoff {args.cutoff}, {args.workers} workers, {args.repeats} "
+          f"round(s)", file=sys.stderr)
+    for round_ in range(args.repeats):
+        for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+            runs[kind].append(run_lf_anchor(args) if kind == "lf" else measure("stage", args))
+    best = min(runs["stage"], key=lambda r: r["seconds"])
+    device = f"{platform.node()}: {len(os.sched_getaffinity(0))} cores, {platform.processor() or platform.machine()}"
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}  {device}  load avg {os.getloadavg()[0]:.1f}  tokenizer + "
+          f"prepare_dataset stages, empty store, {args.workers} workers (best of {args.repeats}: "
+          f"{_seconds(runs['stage'])} s)")
+    width = max(len(p["phase"]) for p in best["phases"])
+    for p in best["phases"]:
+        share = 100 * p["seconds"] / best["seconds"]
+        print(f"  {p['stage']:<16} {p['phase']:<{width}} {p['seconds']:8.3f} s {share:5.1f}%")
+    w = best["workers"]
+    print(f"  workers: {w['shards_built']} shards built in {w['shard_busy_s']:.2f} busy s, {w['worker_cpu_s']:.2f} "
+          f"CPU s (longest shard {w['longest_shard_s']:.2f} s); {best['tokens']:,} tokens in {best['blocks']:,} "
+          "blocks; "
+          f"peak RSS {best['peak_rss_mib']:.0f} MiB; outside the clock: import transformers "
+          f"{best['import_transformers_s']:.2f} s")
+    if args.workers < 16:
+        print("  estimate on 16 workers (other phases as measured; tokenize = workers' CPU s / 16 + the longest "
+              f"shard): {best['estimate_16_workers_s']:.2f} s")
+    if runs.get("lf"):
+        lf = min(runs["lf"], key=lambda r: r["seconds"])
+        print(f"  LLaMA-Factory get_dataset(stage=pt), {lf['num_proc']} processes, save excluded: "
+              f"{lf['seconds']:.2f} s "
+              f"(best of {len(runs['lf'])}: {_seconds(runs['lf'])} s); "
+              f"{lf['tokens']:,} tokens in {lf['blocks']:,} blocks")
+        print(f"  ratio LF / ptflow stage: {lf['seconds'] / best['seconds']:.2f}x (target >= 2x); CPU "
+              f"{lf['cpu_seconds']:.1f} s vs {best['cpu_seconds']:.1f} s (process trees, imports included)")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "runs": runs}, indent=2))
+
+
+def _seconds(runs: list[dict]) -> str:
+    return ", ".join(f"{r['seconds']:.2f}" for r in runs)
 
 
 def measure_rss(args) -> None:
@@ -321,7 +494,17 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, help="where stores and caches go (default: the system temp dir)")
     parser.add_argument("--rss", metavar="SIZES", help="comma-separated corpus sizes in tokens (e.g. 10e6,50e6): "
                         "peak RSS and tokens/s of ptflow alone on each")
-    parser.add_argument("--child", choices=["ptflow", "ptflow-repack", "lf"], help=argparse.SUPPRESS)
+    parser.add_argument("--stage", action="store_true", help="time the tokenizer + prepare_dataset stages end to end "
+                        "(fresh process, empty store) with a phase breakdown; with --lf-anchor, against the anchors' "
+                        "LLaMA-Factory preprocessing in the same call")
+    parser.add_argument("--lf-anchor", type=Path, metavar="LF_ANCHOR_PY",
+                        help="with --stage: the anchors' lf_anchor.py, run as `lf_anchor.py preprocess`")
+    parser.add_argument("--lf-site", type=Path, metavar="DIR", help="with --lf-anchor: a site folder with "
+                        "LLaMA-Factory and its dependencies, put first on its PYTHONPATH")
+    parser.add_argument("--lf-model", metavar="NAME", help="with --lf-anchor: the model folder under ASSETS/models "
+                        "(default: the first one); LLaMA-Factory reads the tokenizer from it")
+    parser.add_argument("--lf-cpu", action="store_true", help="with --lf-anchor: pass --no-bf16 (no GPU here)")
+    parser.add_argument("--child", choices=["ptflow", "ptflow-repack", "lf", "stage"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss and not args.child:
         return measure_rss(args)
@@ -334,6 +517,10 @@ def main() -> None:
     if args.child:
         return child(args)
     find_assets(args.assets)
+    if args.stage:
+        return measure_stage(args)
+    if args.lf_anchor:
+        parser.error("--lf-anchor goes with --stage")
 
     kinds = ["ptflow"] + ([] if args.skip_lf else ["lf"])
     runs: dict[str, list[dict]] = {k: [] for k in [*kinds, "ptflow-repack"]}

@@ -667,3 +667,17 @@ def test_blocks_do_not_depend_on_how_many_tokens_are_gathered_at_a_time(tiny_dat
     chunked = prepare_dataset(config, tokenizer_artifact, type(layout)(layout.root.parent / "chunked-store"))
     assert chunked.stats["shards_built"] > 2
     assert chunked.digest == whole.digest  # every file byte-identical: blocks, lengths, document starts
+
+
+@pytest.mark.parametrize("extra", [{}, {"mix_strategy": "interleave_under", "interleave_probs": [0.5, 0.5]}])
+def test_blocks_do_not_depend_on_how_runs_of_documents_are_copied(tiny_data_dir, tokenizer_artifact, layout,
+                                                                  small_shards, monkeypatch, extra):
+    from ptflow.data import assembly
+
+    config = data(tiny_data_dir, "stdlib_docs,three", cutoff_len=24, **extra)
+    monkeypatch.setattr(assembly, "LONG_RUN", float("inf"))  # every gather: one fancy index over its runs
+    indexed = prepare_dataset(config, tokenizer_artifact, layout)
+    monkeypatch.setattr(assembly, "LONG_RUN", 0)  # every gather: a slice copy per run
+    sliced = prepare_dataset(config, tokenizer_artifact, type(layout)(layout.root.parent / "sliced-store"))
+    assert sliced.stats["shards_built"] > 2  # gathers span several shards
+    assert sliced.digest == indexed.digest

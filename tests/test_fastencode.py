@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 
+import numpy as np
 import pytest
 from tiny_assets import QUICKSTART
 from tokenizers import (
@@ -94,6 +96,32 @@ def test_characters_the_engines_disagree_on_go_to_rust():
     assert (fast.slow_docs, fast.fast_docs) == (1, 1)
 
 
+def test_the_factored_gpt2_pattern_splits_as_gpt2s_own():
+    import regex
+
+    from ptflow.data.fastencode import GPT2_PATTERN
+
+    gpt2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    factored = regex.compile(GPT2_PATTERN)
+    texts = [t for seed in range(1, 6) for t in corpus(seed)] + ["it's don't we're they've I'm we'll he'd x'S x'x x'' x'red 'llama'"]
+    assert [factored.findall(t) for t in texts] == [gpt2.findall(t) for t in texts]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Tokenizer.from_file(str(QUICKSTART / "model" / "tokenizer.json")),
+    llama3_style,
+    lambda: train_tokenizer(pre_tokenizers.ByteLevel(), normalizers.NFKC()),
+], ids=["bytelevel", "split-then-bytelevel", "normalized"])
+def test_the_shape_is_read_from_the_rust_objects_as_tokenizer_json_says(make):
+    from ptflow.data.fastencode import _spec
+
+    tok = make()
+    full, spec = json.loads(tok.to_str()), _spec(tok)  # _spec skips serializing the vocabulary
+    assert spec["pre_tokenizer"] == full["pre_tokenizer"]
+    assert (spec["normalizer"] is None) == (full["normalizer"] is None)
+    assert sorted(t["content"] for t in spec["added_tokens"]) == sorted(t["content"] for t in full["added_tokens"])
+
+
 def test_unsupported_shapes_are_left_to_rust():
     assert WordEncoder.for_tokenizer(train_tokenizer(pre_tokenizers.Whitespace())) is None
     assert WordEncoder.for_tokenizer(train_tokenizer(pre_tokenizers.ByteLevel(), normalizers.NFKC())) is None
@@ -109,7 +137,8 @@ def test_a_fast_path_that_differs_is_switched_off(caplog):
     tok = Tokenizer.from_file(str(QUICKSTART / "model" / "tokenizer.json"))
     encoder = Encoder(tok)
     assert encoder.fast is not None
-    encoder.fast.cache["hello"] = [7, 7, 7]  # corrupt the piece cache: the fast path is now wrong
+    wrong = np.array([7, 7, 7], dtype=encoder.fast.dtype).tobytes()
+    encoder.fast.cache["hello"] = wrong  # corrupt the piece cache: the fast path is now wrong
     texts = ["hello world", "say hello"]
     encoder.check(texts, "a shard")
     assert encoder.fast is None and "differs from the tokenizer on a shard" in caplog.text

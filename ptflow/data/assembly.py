@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ptflow.config.schema import DataSection
 
 CHUNK_TOKENS = 1 << 21  # mixed documents gathered per step (a run of one shard is taken whole)
+LONG_RUN = 4096  # mean run length (tokens) above which runs are copied slice by slice, not by one fancy index
 
 
 @dataclass
@@ -111,6 +112,12 @@ class DocumentOrder:
             return np.array(tokens[first_doc[0]: first_doc[0] + sizes[0]])
         shard = self.shard[run_start]
         out_at = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        if sizes.mean() >= LONG_RUN:  # few long runs (whole shards in concat order): a slice copy each
+            opened = {s: _open_tokens(self.paths[s]) for s in np.unique(shard).tolist()}
+            out = np.empty(int(sizes.sum()), dtype=next(iter(opened.values())).dtype)
+            for s, at, first, n in zip(shard.tolist(), out_at.tolist(), first_doc.tolist(), sizes.tolist()):
+                out[at: at + n] = opened[s][first: first + n]
+            return out
         out = None
         for s in np.unique(shard).tolist():
             tokens = _open_tokens(self.paths[s])

@@ -33,7 +33,15 @@ import numpy as np
 from ptflow.data.assembly import DocumentOrder, Written, count_blocks, write_blocks
 from ptflow.data.mixing import held_out
 from ptflow.data.packing import DocStarts, load_doc_starts, save_doc_starts
-from ptflow.data.shards import ShardTask, SourceShards, cached, plan_tasks, token_dtype, tokenize_sources
+from ptflow.data.shards import (
+    INLINE_BYTES,
+    ShardTask,
+    SourceShards,
+    cached,
+    plan_tasks,
+    token_dtype,
+    tokenize_sources,
+)
 from ptflow.data.sources import (
     Source,
     check_sources,
@@ -43,7 +51,7 @@ from ptflow.data.sources import (
 )
 from ptflow.data.stream import StreamPlan, hold_out
 from ptflow.data.tokenizer import open_tokenizer
-from ptflow.data.workers import default_workers
+from ptflow.data.workers import default_workers, start_early
 from ptflow.errors import DataError
 from ptflow.store.entries import Artifact, DigestMemo, build_or_reuse
 from ptflow.store.layout import Layout
@@ -112,6 +120,8 @@ def prepare_dataset(section: "DataSection", tokenizer: Artifact, layout: Layout,
         _check_streamable(train_sources)
 
     def build(folder: Path) -> dict:
+        if not section.streaming:
+            _start_workers_early(_unique(train_sources + eval_sources), section)
         tok = open_tokenizer(tokenizer.path)
         if section.streaming:
             return _build_stream(folder, section, train_sources, eval_sources, tok, tokenizer.digest, layout, seed)
@@ -138,6 +148,15 @@ def shards_to_tokenize(section: "DataSection", tokenizer: Artifact, layout: Layo
                if section.max_samples is None or s.num_samples is not None]
     tasks, _ = plan_tasks(sources, {s.name: plan_shards(s) for s in sources}, tokenizer.digest, layout)
     return [task for ts in tasks.values() for task in ts if cached(layout, task) is None]
+
+
+def _start_workers_early(sources: list[Source], section: "DataSection") -> None:
+    """Boot the tokenizer workers' fork server while the tokenizer loads, when the corpus is big enough for a
+    pool. Decided by file size alone (no look at the token cache first: that would delay it), so a re-pack of
+    cached shards may boot it for nothing, in the background."""
+    workers = section.preprocessing_num_workers or default_workers()
+    if workers > 1 and sum(f.stat().st_size for s in sources for f in s.files) >= INLINE_BYTES:
+        start_early()
 
 
 def _check_streamable(sources: list[Source]) -> None:

@@ -171,7 +171,7 @@ class BlockFile:
         np.lib.format.write_array_header_1_0(self.file, header)
 
     def append(self, blocks: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(blocks).tobytes())
+        self.file.write(np.ascontiguousarray(blocks).data)  # its buffer: no copy into bytes
         self.written += len(blocks)
 
     def close(self) -> None:

@@ -86,6 +86,7 @@ class ShardResult:
     hit: bool
     seconds: float = 0.0
     damaged: bool = False  # its stored entry was damaged and has been re-tokenized
+    started: float = 0.0  # wall clock (time.time()) when a process began building it: timelines across workers
 
 
 @dataclass
@@ -129,9 +130,17 @@ def shard_components(shard: Shard, file_digest: str, tokenizer_digest: str, code
 
 def encode_texts(texts: list[str], encode: Callable[[list[str]], list[list[int]]], eos: int, dtype: np.dtype,
                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens: each text's ids + EOS, concatenated; doc_ends: cumulative end of each document)."""
+    """(tokens: each text's ids + EOS, concatenated; doc_ends: cumulative end of each document). An encoder with
+    `packed(texts, dtype)` (the fast path) hands over each document's ids as bytes: joined with EOS, no lists."""
     parts, lengths = [], []
+    packed = getattr(encode, "packed", None)
+    eos_bytes = np.array([eos], dtype=dtype).tobytes()
     for start in range(0, len(texts), batch_size):
+        docs = packed(texts[start: start + batch_size], dtype) if packed is not None else None
+        if docs is not None:
+            parts.append(np.frombuffer(eos_bytes.join(docs) + eos_bytes, dtype=dtype))
+            lengths.append(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)) // dtype.itemsize + 1)
+            continue
         ids = encode(texts[start: start + batch_size])
         for doc in ids:
             doc.append(eos)
@@ -189,6 +198,13 @@ class Encoder:
             return self.fast(texts)
         return self.exact(texts)
 
+    def packed(self, texts: list[str], dtype: np.dtype) -> list[bytes] | None:
+        """Each text's ids as the bytes of a `dtype` array, from the fast path; None without it (or in another
+        dtype), and the caller lists ids instead."""
+        if self.fast is None or self.fast.dtype != dtype:
+            return None
+        return self.fast.packed(texts)
+
     def exact(self, texts: list[str]) -> list[list[int]]:
         if self.rust is None:
             return [list(ids) for ids in
@@ -225,7 +241,7 @@ def content_hashes(texts: list[str]) -> np.ndarray:
 
 def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: Encoding) -> ShardResult:
     """Build (or find) one shard's artifact."""
-    started = time.perf_counter()
+    started, wall = time.perf_counter(), time.time()
 
     def build(folder: Path) -> dict:
         texts = read_shard(task.shard)
@@ -238,7 +254,7 @@ def tokenize_shard(layout: Layout, task: ShardTask, encoder: Encoder, encoding: 
 
     artifact = build_or_reuse(layout, STAGE, task.components, build, quiet=True)
     return ShardResult(task.shard, artifact.path, artifact.stats["documents"], artifact.stats["tokens"], artifact.hit,
-                       time.perf_counter() - started, artifact.reason.startswith("cached entry is"))
+                       time.perf_counter() - started, artifact.reason.startswith("cached entry is"), wall)
 
 
 def open_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -387,6 +403,7 @@ def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, worker
     pool = WorkerPool(workers, worker_state, (encoding, str(layout.root)))
     futures: dict[Future, tuple[str, int]] = {}
     stored = 0  # shard results this process has received from its workers (each in the store by then)
+    finished = False
     try:
         # max_samples sources first and in order (their later shards may be cancelled), then largest first
         order = sorted(todo, key=lambda t: (t[0] not in limits, t[1] if t[0] in limits else -tasks[t[0]][t[1]].size))
@@ -408,8 +425,9 @@ def _run_pool(layout, tasks, results, todo, limits, encoding, _tokenizer, worker
                     for other, (n2, j) in futures.items():
                         if n2 == name and j >= enough and other in pending and other.cancel():
                             pending.discard(other)
+        finished = True
     finally:
-        pool.close()
+        pool.close(wait=not finished)  # done: the idle workers exit in the background; failed: none still writes
         progress.close()
 
 

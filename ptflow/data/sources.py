@@ -50,8 +50,10 @@ SHARDS_PER_FILE = 64
 # One document per line: a line longer than this (a runaway file, a missing newline) is refused
 # with its file:line instead of being read into memory whole. Lines are scanned in SCAN_BYTES
 # blocks, so memory stays bounded by the limit, not by the line. PTFLOW_MAX_LINE_BYTES overrides it.
+# Small blocks: planning a file's shards scans from every cut to the next line break, and is done
+# twice per preparation (the check, then the tokenizing): 1 MiB blocks read a 64-shard file whole.
 MAX_LINE_BYTES = 64 << 20
-SCAN_BYTES = 1 << 20
+SCAN_BYTES = 64 << 10
 
 
 def max_line_bytes() -> int:

@@ -28,8 +28,6 @@ import socket
 import uuid
 from pathlib import Path
 
-from fsspec.utils import infer_storage_options
-
 from ptflow.store import remote
 
 MANIFEST = "manifest.json"
@@ -52,7 +50,9 @@ class Layout:
             cache = remote.cache_dir(url)
             remote.bind(cache, url)
             return cls(cache)
-        if "://" in root:
+        if "://" in root:  # file:// and the like
+            from fsspec.utils import infer_storage_options  # only here: see store/remote.py
+
             root = infer_storage_options(root)["path"]
         return cls(root)
 

@@ -27,7 +27,7 @@ SITE_LF=/tmp/site-lf SITE_CORE=/tmp/site-core DEADLINE_S=${DEADLINE_S:-560} TEST
 STEPS=${STEPS:-40} SKIP=${SKIP:-10} MB=${MB:-8} SEQ=${SEQ:-2048}
 # The default plan is the 2026-11-27 final call (docs/benchmarks.md): headline ratios and first steps in the
 # lanes, then DDP, an FSDP run killed (kill -9) after its checkpoint and resumed (its steady rate is the FSDP
-# efficiency), and the largest model trained here with FSDP (~11.3B, cut after STEPS: its export alone would
+# efficiency), and the largest model trained here with FSDP (~10.2B, cut after STEPS: its export alone would
 # take minutes).
 FIRST=${FIRST:-"prep|-|2"}
 LANE_A=${LANE_A:-"lf|llama-1.1b|enable_liger_kernel=true
@@ -39,8 +39,8 @@ pt|llama-160m|layers+flex"}
 BOTH=${BOTH:-"pt|llama-1.1b|layers+ddp
 pt|llama-1.1b|layers+fsdp|SAVE=20 KILL=train:step-22 KEEP=1
 pt|llama-1.1b|layers+fsdp|SAVE=20
-mk|llama-11b|llama-1.1b:hidden_size=5120,num_hidden_layers=40,intermediate_size=13824,num_attention_heads=40,num_key_value_heads=8
-pt|llama-11b|layers+fsdp|MB=1 STEPS=30 CUT=1"}
+mk|llama-10b|llama-1.1b:hidden_size=5120,num_hidden_layers=36,intermediate_size=13824,num_attention_heads=40,num_key_value_heads=8,head_dim=128
+pt|llama-10b|layers+fsdp|MB=1 STEPS=30 CUT=1"}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export HF_HOME=$WORK/hf_home HF_DATASETS_CACHE=$WORK/hf_cache
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the device's rule
@@ -107,7 +107,9 @@ PY
         # step STEPS (skips the final export, for models whose export would eat the call) and keep its log
         local store="$STORE-$devices" plain
         plain=$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name-$start")  # the device tool returns plain file names only
-        env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" TORCHINDUCTOR_CACHE_DIR="/tmp/cache/$name" \
+        # no TORCHINDUCTOR_CACHE_DIR: ptflow keeps its compile caches in the store (<store>/compile-cache), so a
+        # lane's second run of a variant, or a resume, is the cache-hit case
+        env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" \
           ${KILL:+PTFLOW_KILL_AT=$KILL} setsid timeout -k 10 250 python3 bench/train_bench.py --anchors-work "$WORK" \
           --models "$model" --variants "$arg" --results "$RES" --store "$store" --mb "$MB" --seq "$SEQ" \
           --steps "$STEPS" --skip "$SKIP" --gpus "$n" --timeout 240 ${SAVE:+--save-steps $SAVE} > "$LOGS/$name.log" 2>&1 &

@@ -16,13 +16,13 @@
 #                                            TEST_MIN_LEFT_S seconds remain of DEADLINE_S)
 # A pt line run twice in a lane is the compile-cache case: the store keeps its compile cache between runs.
 # A 4th field sets a line's options: MB= STEPS= SKIP= (sizes), and for pt lines SAVE= KILL= KEEP= CUT= (below).
-# $OUT gets log.txt (everything), lane-*.txt, results/ (each run's JSON, plain file names) and logs.tgz.
+# $OUT gets log.txt (everything), lane-*.txt, results.jsonl (each run's JSON, appended as it ends) and logs.tgz.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 OUT=${OUT:-/tmp/gpu-probe-out}
 WORK=${ANCHOR_WORK:-/tmp/anchors}
-RES=$OUT/results LOGS=$WORK/logs STORE=${STORE:-/tmp/ptflow-bench-store}
+RES=$WORK/results LOGS=$WORK/logs STORE=${STORE:-/tmp/ptflow-bench-store}
 SITE_LF=/tmp/site-lf SITE_CORE=/tmp/site-core DEADLINE_S=${DEADLINE_S:-560} TEST_MIN_LEFT_S=${TEST_MIN_LEFT_S:-90}
 STEPS=${STEPS:-40} SKIP=${SKIP:-10} MB=${MB:-8} SEQ=${SEQ:-2048}
 # The default plan is the 2026-11-27 final call (docs/benchmarks.md): headline ratios and first steps in the
@@ -78,6 +78,7 @@ run_line() {  # run_line <gpus> <kind|model|arg[|VAR=value ...]>
   IFS='|' read -r kind model arg opts <<< "$2"
   name="$kind-$model-$arg"
   local n=$(( $(tr -cd , <<< "$devices" | wc -c) + 1 )) start=$SECONDS rc
+  [ -n "$devices" ] || devices=0  # a CPU line (prep) still shows one GPU: LLaMA-Factory refuses none with bf16
   local MB=$MB STEPS=$STEPS SKIP=$SKIP SAVE="" KILL="" KEEP="" CUT=""  # a line's options override these
   [ -n "$opts" ] && local $opts
   say "start $name on GPU $devices ${opts:+($opts)}"
@@ -119,14 +120,14 @@ PY
             sleep 2; done
           kill -9 -- -$pid 2>/dev/null; sleep 2; pkill -9 -f "ptflow.train" 2>/dev/null; sleep 3  # torchrun: own group
           cp "$store"/cache/train/*.work/trainer_log.jsonl "$RES/$plain.trainer_log.jsonl" 2>/dev/null
-          grep -h '"loss"' "$RES/$plain.trainer_log.jsonl" | cut -c1-400
+          grep -h '"loss"' "$RES/$plain.trainer_log.jsonl" | cut -c1-600
         fi
         wait $pid; rc=$?
         [ -n "$KEEP" ] || rm -rf "$store/cache/train"  # a 1.1b entry: 17 GB
         mv "$RES/run_ptflow-${arg}_${model}_mb$MB.json" "$RES/$plain.json" 2>/dev/null ;;
     prep) env PYTHONPATH="$SITE_CORE:$REPO" timeout -k 5 150 python3 bench/prepare_bench.py --stage --assets "$WORK" \
             --workers 16 --repeats "$arg" --lf-anchor .anchors/lf_anchor.py --lf-site "$SITE_LF" \
-            --json "$RES/prepare_stage.json" > "$LOGS/$name.log" 2>&1; rc=$?
+            --json "$OUT/prepare_stage.json" > "$LOGS/$name.log" 2>&1; rc=$?
           tail -40 "$LOGS/$name.log" ;;
     gpu) if [ $((DEADLINE_S - SECONDS)) -lt "$TEST_MIN_LEFT_S" ]; then say "skip $name: too little time left"; return; fi
          env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" timeout -k 5 $((DEADLINE_S - SECONDS - 10)) \
@@ -138,6 +139,12 @@ PY
           --mb "$MB" --seq "$SEQ" > "$LOGS/$name.log" 2>&1; rc=$? ;;
   esac
   say "end $name rc=$rc in $((SECONDS - start))s"
+  # the device tool returns a handful of files: every run's JSON goes into one results.jsonl, as it ends
+  for f in "$RES/$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name")".json "$RES/$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name-$start")".json; do
+    [ -f "$f" ] && python3 -c "import json, sys; print(json.dumps({'run': sys.argv[2], **json.load(open(sys.argv[1]))}))" \
+      "$f" "$name" >> "$OUT/results.jsonl"
+  done
+  [ "$rc" = 0 ] || grep -v "it/s\]\|s/it\]" "$LOGS/$name.log" | tail -25 | cut -c1-300
   grep -hE "^ANCHOR_RESULT|^\| llama|tok/s|GPU busy|^  [a-z].* ms |first step|Error|ptflow.train train: (resum|first|[0-9,]+ param)" \
     "$LOGS/$name.log" | cut -c1-300 | head -30
 }

@@ -386,6 +386,11 @@ def run_lf_anchor(args) -> dict:
     env = {**os.environ, "HF_DATASETS_CACHE": str(scratch / "hf-cache"), "HF_HUB_OFFLINE": "1"}
     if args.lf_site:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.lf_site.resolve()), env.get("PYTHONPATH")) if p)
+    if not args.lf_cpu and shutil.which("nvidia-smi"):
+        # LLaMA-Factory's argument check refuses several visible GPUs outside torchrun ("Please launch distributed
+        # training"), and an empty list with bf16; preprocessing never touches the GPU, so show it exactly one
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "0").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[0] if visible else "0"
     cmd = [sys.executable, str(args.lf_anchor.resolve()), "preprocess", "--model-dir", str(models / name),
            "--dataset-dir", str(args.assets / "data"), "--output-dir", str(scratch / "out"),
            "--result", str(scratch / "lf.json"), "--cutoff", str(args.cutoff), "--num-proc", str(args.workers)]

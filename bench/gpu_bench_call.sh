@@ -3,7 +3,7 @@
 #   1. LLaMA-Factory 0.9.5's best setting on the anchors' work (one GPU): llama-1.1b with
 #      enable_liger_kernel=true, llama-160m with torch_compile=true;
 #   2. ptflow's train stage on the same work with the same numerics (bf16 autocast, fp32 master weights,
-#      token-weighted loss): llama-1.1b regional compile + flash SDPA (layers+flash), llama-160m whole-model
+#      token-weighted loss): llama-1.1b regional compile, SDPA auto (layers; pinning flash cost 4%), llama-160m whole-model
 #      compile + flex_attention (compile+flex); pure bf16 (stochastic-rounding AdamW) for 1.1b if time is left;
 #   3. ptflow llama-1.1b on both GPUs: DDP (per-GPU tokens/s vs one GPU = efficiency) and FSDP2.
 # Random-init Llama, bf16, sequence 2048, micro-batch 8, STEPS steps, steady tokens/s over steps SKIP+1..STEPS.
@@ -42,11 +42,11 @@ RUN_CAP_S=${RUN_CAP_S:-240}
 DEFAULT_PLAN="
 lf-liger|lf|llama-1.1b|enable_liger_kernel=true|1|62|lf-liger
 lf-compile|lf|llama-160m|torch_compile=true|1|63|lf-compile
-pt-layers+flash|pt|llama-1.1b|layers+flash|1|82|pt-1.1b
+pt-layers|pt|llama-1.1b|layers|1|82|pt-1.1b
 pt-compile+flex|pt|llama-160m|compile+flex|1|82|pt-160m
-pt-ddp|pt|llama-1.1b|layers+flash+ddp|2|95|pt-1.1b
-pt-fsdp|pt|llama-1.1b|layers+flash+fsdp|2|100|pt-1.1b
-pt-pure|pt|llama-1.1b|layers+pure+flash|1|70|pt-1.1b
+pt-ddp|pt|llama-1.1b|layers+ddp|2|95|pt-1.1b
+pt-fsdp|pt|llama-1.1b|layers+fsdp|2|100|pt-1.1b
+pt-pure|pt|llama-1.1b|layers+pure|1|70|pt-1.1b
 "
 PLAN=${PLAN:-$DEFAULT_PLAN}
 

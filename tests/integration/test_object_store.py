@@ -31,7 +31,7 @@ SECRET = "dummy-secret-5e1f"  # moto accepts any credentials; this one must neve
 ASSETS = [f"model.model_name_or_path={ROOT / 'configs/quickstart/model'}",
           f"data.dataset_dir={ROOT / 'configs/quickstart/data'}"]
 FAST = [*ASSETS, "train.max_steps=8", "train.save_steps=3", "train.eval_steps=4", "train.logging_steps=2",
-        "data.cutoff_len=128", "run_name=objstore"]
+        "data.cutoff_len=128", "data.val_size=8", "run_name=objstore"]
 STAGES = ["load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card"]
 
 # The stages as plain functions, in a process of their own (so it can be killed): prints the artifacts' keys.

@@ -21,7 +21,7 @@ def run_flow(store: Path, *extra: str) -> dict:
     from flows.pretrain import pretrain
 
     overrides = [f"store={store}", "train.max_steps=30", "train.save_steps=20", "train.eval_steps=15",
-                 "train.logging_steps=5", "data.cutoff_len=128", "data.val_size=8",  # small: 1k-token steps, 8 eval docs
+                 "train.logging_steps=5", "data.cutoff_len=128", "data.val_size=8",  # 1k-token steps, 8 eval docs
                  f"model.model_name_or_path={ROOT / 'configs/quickstart/model'}",
                  f"data.dataset_dir={ROOT / 'configs/quickstart/data'}", *extra]
     return pretrain(config_path=str(QUICKSTART), overrides=overrides)

@@ -21,7 +21,8 @@ def run_flow(store: Path, *extra: str) -> dict:
     from flows.pretrain import pretrain
 
     overrides = [f"store={store}", "train.max_steps=30", "train.save_steps=20", "train.eval_steps=15",
-                 "train.logging_steps=5", f"model.model_name_or_path={ROOT / 'configs/quickstart/model'}",
+                 "train.logging_steps=5", "data.cutoff_len=128", "data.val_size=8",  # 1k-token steps, 8 eval docs
+                 f"model.model_name_or_path={ROOT / 'configs/quickstart/model'}",
                  f"data.dataset_dir={ROOT / 'configs/quickstart/data'}", *extra]
     return pretrain(config_path=str(QUICKSTART), overrides=overrides)
 
@@ -80,11 +81,11 @@ def test_second_run_reuses_every_stage_computing_each_key_once_even_from_a_copie
 
 
 def test_changing_cutoff_len_redoes_data_and_later_stages_only(store):
-    summary = run_flow(store, "data.cutoff_len=128")
+    summary = run_flow(store, "data.cutoff_len=64")
     rows = {row["stage"]: row for row in summary["stages"]}
     assert rows["load_tokenizer"]["cache"] == "hit"
     assert {s: rows[s]["cache"] for s in STAGES[1:]} == {s: "miss" for s in STAGES[1:]}
-    assert "config.cutoff_len: 256 -> 128" in rows["prepare_dataset"]["reason"]
+    assert "config.cutoff_len: 128 -> 64" in rows["prepare_dataset"]["reason"]
 
 
 def test_bad_config_fails_before_any_stage(store):

@@ -20,7 +20,7 @@ from ptflow.store.layout import MANIFEST
 
 STAGES = ["load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card"]
 FAST = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",
-        "data.cutoff_len=128", "run_name=concurrent"]
+        "data.cutoff_len=128", "data.val_size=8", "run_name=concurrent"]
 
 
 def test_two_runs_of_one_config_at_once_build_each_entry_once(prefect_server, tmp_path):

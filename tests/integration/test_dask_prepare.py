@@ -8,7 +8,6 @@ from pathlib import Path
 
 from distributed import LocalCluster  # noqa: E402
 from prefect import flow  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from ptflow.config.schema import DataSection  # noqa: E402
 from ptflow.data import sources  # noqa: E402
@@ -24,16 +23,14 @@ def token_cache(layout: Layout) -> dict[str, str]:
             for p in sorted(root.glob("*/*.npy"))}
 
 
-def test_shards_tokenized_on_a_dask_cluster_give_the_local_blocks(tmp_path, tiny_data_dir, tokenizer_artifact,
-                                                                   monkeypatch):
+def test_shards_tokenized_on_a_dask_cluster_give_the_local_blocks(prefect_api, tmp_path, tiny_data_dir,
+                                                                   tokenizer_artifact, monkeypatch):
     monkeypatch.setattr(sources, "MIN_SHARD_BYTES", 8192)  # planned in this process: ~16 shards for the workers
     section = DataSection(dataset="stdlib_docs,three", dataset_dir=str(tiny_data_dir), cutoff_len=32, val_size=0.1,
                           doc_mask=True, preprocessing_num_workers=1)
     local = prepare_dataset(section, tokenizer_artifact, Layout(tmp_path / "local"))
     on_dask = Layout(tmp_path / "dask")
-    # the Prefect API first: its start is the slow part on a loaded machine
-    with prefect_test_harness(server_startup_timeout=180), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         address = cluster.scheduler_address
 
         @flow(name="prepare-on-dask")

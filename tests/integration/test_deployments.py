@@ -24,7 +24,8 @@ import pytest
 from conftest import ROOT, free_port, prefect_server_on_postgres
 
 QUICKSTART_CORPUS = ROOT / "configs" / "quickstart" / "data" / "corpus.jsonl"
-SMALL = ["train.max_steps=20", "train.save_steps=10", "train.eval_steps=10", "train.logging_steps=5"]
+SMALL = ["train.max_steps=20", "train.save_steps=10", "train.eval_steps=10", "train.logging_steps=5",
+         "data.cutoff_len=128", "data.val_size=8"]
 SCREENSHOTS = Path(os.environ.get("PTFLOW_UI_SCREENSHOTS", ROOT / "build" / "ui"))
 
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, cli_env
 
 FAST = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",
-        "data.cutoff_len=128", "run_name=disk-full"]
+        "data.cutoff_len=128", "data.val_size=8", "run_name=disk-full"]
 SMALL = "6m"  # the tokenizer and the packed data fit, training's checkpoints do not
 
 SCRIPT = """

@@ -2,6 +2,9 @@
 
 The CLI runs against one real Prefect server (PostgreSQL) so each run starts in seconds.
 Kill points are `PTFLOW_KILL_AT` hooks (ptflow/faults.py) that SIGKILL the process there.
+A run killed in training leaves its lineage slot taken until the server's 60 s lease runs out
+(tasks/slots.py), so those runs are all killed first, each on a lineage of its own, and their
+re-runs find the leases already expired instead of waiting out one after another.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from conftest import cli_env, run_cli
@@ -18,8 +22,10 @@ from ptflow.store.entries import check_files, read_manifest
 from ptflow.store.layout import MANIFEST
 
 STAGES = ["load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card"]
-FAST = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",
-        "data.cutoff_len=128", "run_name=faults"]
+SMALL = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "train.logging_steps=2",
+         "data.cutoff_len=128", "data.val_size=8"]  # 8 held-out documents (streamed: the first 8 blocks)
+FAST = [*SMALL, "run_name=faults"]
+STREAMED = [*SMALL, "data.streaming=true", "run_name=faults-streamed"]
 POINTS = {  # kill point -> (stage it interrupts, checkpoint the re-run must resume from)
     "load_tokenizer:built": ("load_tokenizer", None),
     "prepare_dataset:built": ("prepare_dataset", None),
@@ -29,6 +35,31 @@ POINTS = {  # kill point -> (stage it interrupts, checkpoint the re-run must res
     "plot_loss:built": ("plot_loss", None),
     "write_model_card:built": ("write_model_card", None),
 }
+IN_TRAINING = {  # test -> (kill point, overrides): the kills that leave a lineage slot taken
+    "train:step-8": ("train:step-8", [*SMALL, "run_name=faults-step-8"]),
+    "checkpoint:writing-10": ("checkpoint:writing-10", [*SMALL, "run_name=faults-writing-10"]),
+    "streamed": ("train:step-8", STREAMED),
+}
+
+
+class Killed(NamedTuple):
+    env: dict[str, str]
+    store: Path
+    args: list[str]
+
+
+def kill_run(prefect_server: str, tmp_path: Path, point: str, args: list[str]) -> Killed:
+    """`ptflow run` with a kill -9 at `point`; the env (its store, its summary file) serves the re-run."""
+    env = cli_env(tmp_path, PREFECT_API_URL=prefect_server, PTFLOW_SUMMARY_JSON=str(tmp_path / "summary.json"))
+    killed = run_cli({**env, "PTFLOW_KILL_AT": point}, "run", "configs/quickstart.yaml", *args, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    return Killed(env, tmp_path / "store", args)
+
+
+@pytest.fixture(scope="module")
+def killed_in_training(prefect_server, tmp_path_factory) -> dict[str, Killed]:
+    return {name: kill_run(prefect_server, tmp_path_factory.mktemp("killed"), point, args)
+            for name, (point, args) in IN_TRAINING.items()}
 
 
 def finished(store: Path, stage: str) -> list[Path]:
@@ -37,18 +68,18 @@ def finished(store: Path, stage: str) -> list[Path]:
 
 
 @pytest.mark.parametrize("point", list(POINTS))
-def test_kill_then_rerun_redoes_only_the_interrupted_stage(point, prefect_server, tmp_path):
+def test_kill_then_rerun_redoes_only_the_interrupted_stage(point, prefect_server, tmp_path, request):
     stage, resume_from = POINTS[point]
-    env = cli_env(tmp_path, PREFECT_API_URL=prefect_server, PTFLOW_SUMMARY_JSON=str(tmp_path / "summary.json"))
-    killed = run_cli({**env, "PTFLOW_KILL_AT": point}, "run", "configs/quickstart.yaml", *FAST, timeout=300)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    store = tmp_path / "store"
+    if point in IN_TRAINING:
+        env, store, args = request.getfixturevalue("killed_in_training")[point]
+    else:
+        env, store, args = kill_run(prefect_server, tmp_path, point, FAST)
     assert finished(store, stage) == []  # the interrupted write left no entry that could be taken for finished
     before = {s: [p.name for p in finished(store, s)] for s in STAGES}
 
-    rerun = run_cli(env, "run", "configs/quickstart.yaml", *FAST, timeout=300)
+    rerun = run_cli(env, "run", "configs/quickstart.yaml", *args, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    rows = {row["stage"]: row for row in json.loads((tmp_path / "summary.json").read_text())["stages"]}
+    rows = {row["stage"]: row for row in json.loads(Path(env["PTFLOW_SUMMARY_JSON"]).read_text())["stages"]}
     done_before = STAGES[:STAGES.index(stage)]
     assert {s: rows[s]["cache"] for s in done_before} == {s: "hit" for s in done_before}
     assert rows[stage]["cache"] == "miss"
@@ -62,16 +93,12 @@ def test_kill_then_rerun_redoes_only_the_interrupted_stage(point, prefect_server
             assert check_files(folder, read_manifest(folder)) is None, folder
 
 
-def test_kill_during_streamed_training_resumes_from_the_data_cursor(prefect_server, tmp_path):
+def test_kill_during_streamed_training_resumes_from_the_data_cursor(killed_in_training):
     """A streamed run killed between checkpoints continues from the cursor saved at the last one."""
-    env = cli_env(tmp_path, PREFECT_API_URL=prefect_server, PTFLOW_SUMMARY_JSON=str(tmp_path / "summary.json"))
-    streamed = [*FAST, "data.streaming=true", "data.val_size=8"]
-    killed = run_cli({**env, "PTFLOW_KILL_AT": "train:step-8"}, "run", "configs/quickstart.yaml", *streamed,
-                     timeout=300)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    env, _, streamed = killed_in_training["streamed"]
     rerun = run_cli(env, "run", "configs/quickstart.yaml", *streamed, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    rows = {row["stage"]: row for row in json.loads((tmp_path / "summary.json").read_text())["stages"]}
+    rows = {row["stage"]: row for row in json.loads(Path(env["PTFLOW_SUMMARY_JSON"]).read_text())["stages"]}
     assert rows["prepare_dataset"]["cache"] == "hit" and rows["train"]["cache"] == "miss"
     folder = Path(rows["train"]["path"])
     stats = read_manifest(folder)["stats"]

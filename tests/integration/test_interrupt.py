@@ -29,7 +29,7 @@ from conftest import ROOT, cli_env, run_cli
 from ptflow.store.entries import read_manifest
 
 FAST = ["train.max_steps=40", "train.save_steps=4", "train.logging_steps=1", "train.eval_steps=100",
-        "train.per_device_train_batch_size=4", "data.cutoff_len=64", "run_name=interrupt"]
+        "train.per_device_train_batch_size=4", "data.cutoff_len=64", "data.val_size=8", "run_name=interrupt"]
 STOP_AFTER = "train: step 6/40"  # checkpoint-4 is written; 34 steps remain for the signal to land in
 FINAL = {"COMPLETED", "CRASHED", "CANCELLED", "FAILED"}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import cli_env, run_cli
 
 # flat overrides in LLaMA-Factory's names, as `llamafactory-cli train lf.yaml key=value` takes them
-FAST = ["max_steps=20", "save_steps=10", "eval_steps=10", "logging_steps=5"]
+FAST = ["max_steps=20", "save_steps=10", "eval_steps=10", "logging_steps=5", "cutoff_len=128", "val_size=8"]
 
 
 def test_llamafactory_yaml_runs_through_the_flow_and_leaves_llamafactory_files(tmp_path):

@@ -31,7 +31,7 @@ SECRET = "dummy-secret-5e1f"  # moto accepts any credentials; this one must neve
 ASSETS = [f"model.model_name_or_path={ROOT / 'configs/quickstart/model'}",
           f"data.dataset_dir={ROOT / 'configs/quickstart/data'}"]
 FAST = [*ASSETS, "train.max_steps=8", "train.save_steps=3", "train.eval_steps=4", "train.logging_steps=2",
-        "data.cutoff_len=128", "run_name=objstore"]
+        "data.cutoff_len=128", "data.val_size=8", "run_name=objstore"]
 STAGES = ["load_tokenizer", "prepare_dataset", "train", "evaluate", "plot_loss", "write_model_card"]
 
 # The stages as plain functions, in a process of their own (so it can be killed): prints the artifacts' keys.
@@ -105,10 +105,8 @@ def run_script(url: str, cache: Path, upto: str, *extra: str, kill_at: str | Non
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 
-def test_cpu_and_gpu_machines_share_the_bucket_and_a_fresh_machine_hits_everything(s3, store_url, tmp_path,
-                                                                                   monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_cpu_and_gpu_machines_share_the_bucket_and_a_fresh_machine_hits_everything(prefect_api, s3, store_url,
+                                                                                   tmp_path, monkeypatch):
     from flows.pretrain import pretrain
     from flows.train_stage import train_stage
 
@@ -116,24 +114,23 @@ def test_cpu_and_gpu_machines_share_the_bucket_and_a_fresh_machine_hits_everythi
     assert cpu.returncode == 0, cpu.stderr[-3000:]
     keys = json.loads(cpu.stdout.strip().splitlines()[-1])
     overrides = [f"store={store_url}", *FAST]
-    with prefect_test_harness(server_startup_timeout=60):
-        on_machine(monkeypatch, tmp_path / "gpu")  # the gpu pool's machine: only the train-stage flow
-        trained = train_stage(str(QUICKSTART), keys["load_tokenizer"]["key"], keys["prepare_dataset"]["key"],
-                              overrides)
-        assert not trained["hit"]
-        assert not (tmp_path / "cpu" / "cache" / "train").exists()
-        assert Path(trained["path"]).parent == tmp_path / "gpu" / "cache" / "train"
-        names = remote_names(s3, store_url)
-        assert f"cache/train/{trained['key']}/{MANIFEST}" in names
-        assert not any(".work/" in n for n in names)  # the finished entry replaces the uploaded checkpoints
+    on_machine(monkeypatch, tmp_path / "gpu")  # the gpu pool's machine: only the train-stage flow
+    trained = train_stage(str(QUICKSTART), keys["load_tokenizer"]["key"], keys["prepare_dataset"]["key"],
+                          overrides)
+    assert not trained["hit"]
+    assert not (tmp_path / "cpu" / "cache" / "train").exists()
+    assert Path(trained["path"]).parent == tmp_path / "gpu" / "cache" / "train"
+    names = remote_names(s3, store_url)
+    assert f"cache/train/{trained['key']}/{MANIFEST}" in names
+    assert not any(".work/" in n for n in names)  # the finished entry replaces the uploaded checkpoints
 
-        on_machine(monkeypatch, tmp_path / "flow")  # the whole flow elsewhere: every input comes from the bucket
-        first = pretrain(config_path=str(QUICKSTART), overrides=overrides)
-        rows = {row["stage"]: row["cache"] for row in first["stages"]}
-        assert rows == {**{s: "hit" for s in STAGES[:4]}, "plot_loss": "miss", "write_model_card": "miss"}
+    on_machine(monkeypatch, tmp_path / "flow")  # the whole flow elsewhere: every input comes from the bucket
+    first = pretrain(config_path=str(QUICKSTART), overrides=overrides)
+    rows = {row["stage"]: row["cache"] for row in first["stages"]}
+    assert rows == {**{s: "hit" for s in STAGES[:4]}, "plot_loss": "miss", "write_model_card": "miss"}
 
-        on_machine(monkeypatch, tmp_path / "fresh")  # a re-run on an empty cache: all hits from the bucket
-        again = pretrain(config_path=str(QUICKSTART), overrides=overrides)
+    on_machine(monkeypatch, tmp_path / "fresh")  # a re-run on an empty cache: all hits from the bucket
+    again = pretrain(config_path=str(QUICKSTART), overrides=overrides)
     assert {row["stage"]: row["cache"] for row in again["stages"]} == {s: "hit" for s in STAGES}
     out = Path(again["output_dir"])
     assert out == tmp_path / "fresh" / "runs" / "objstore"  # runs/ stays on the machine that ran the flow

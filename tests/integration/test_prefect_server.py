@@ -32,8 +32,8 @@ async def read_run(api_url: str):
 
 def test_flow_run_is_recorded_on_the_server(prefect_server, tmp_path):
     env = cli_env(tmp_path, PREFECT_API_URL=prefect_server)
-    result = run_cli(env, "run", "configs/quickstart.yaml", "train.max_steps=20", "train.save_steps=10",
-                     "train.eval_steps=10", "run_name=server-it")
+    result = run_cli(env, "run", "configs/quickstart.yaml", "train.max_steps=10", "train.save_steps=5",
+                     "train.eval_steps=5", "data.cutoff_len=128", "data.val_size=8", "run_name=server-it")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting temporary server" not in result.stdout + result.stderr
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import cli_env, run_cli
 
-FAST = ["train.max_steps=40", "train.save_steps=20", "train.eval_steps=20"]
+FAST = ["train.max_steps=20", "train.save_steps=10", "train.eval_steps=10", "data.val_size=8"]
 
 
 def test_quickstart_runs_end_to_end_then_reuses_everything(tmp_path):
@@ -23,9 +23,9 @@ def test_quickstart_runs_end_to_end_then_reuses_everything(tmp_path):
     assert math.isfinite(summary["perplexity"])
     for name in ("model.safetensors", "trainer_log.jsonl", "train_results.json", "trainer_state.json",
                  "eval_results.json", "all_results.json", "training_loss.png", "training_eval_loss.png", "README.md",
-                 "checkpoint-20"):
+                 "checkpoint-10"):
         assert (out / name).exists(), name
-    assert "ptflow.train - train: step 40/40" in first.stdout + first.stderr  # progress reached the console
+    assert "ptflow.train - train: step 20/20" in first.stdout + first.stderr  # progress reached the console
 
     second = run_cli(env, "run", "configs/quickstart.yaml", *FAST)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -29,7 +29,7 @@ STEPS=${STEPS:-40} SKIP=${SKIP:-10} MB=${MB:-8} SEQ=${SEQ:-2048}
 # lanes, then DDP, an FSDP run killed (kill -9) after its checkpoint and resumed (its steady rate is the FSDP
 # efficiency), and the largest model trained here with FSDP (~10.2B, cut after STEPS: its export alone would
 # take minutes).
-FIRST=${FIRST:-"prep|-|2"}
+FIRST=${FIRST-"prep|-|2"}  # FIRST="" runs none
 LANE_A=${LANE_A:-"lf|llama-1.1b|enable_liger_kernel=true
 pt|llama-1.1b|layers
 pt|llama-1.1b|layers"}

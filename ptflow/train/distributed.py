@@ -152,7 +152,12 @@ class Ranks:
         return sharding.full_weights(net) if self.mode == "fsdp" else None
 
     def close(self) -> None:
-        """End the group this object created (after the last collective: every rank has finished)."""
+        """End the group this object created, once every rank has got here.
+
+        Rank 0 exports the model while the others return at once; a rank that tore its group down then
+        leaves rank 0's own teardown waiting on a gone peer (a gloo group hangs there), hence the barrier.
+        """
         if self.owns_group and dist.is_initialized():
+            self.barrier()
             dist.destroy_process_group()
             self.owns_group = False

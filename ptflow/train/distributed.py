@@ -152,12 +152,14 @@ class Ranks:
         return sharding.full_weights(net) if self.mode == "fsdp" else None
 
     def close(self) -> None:
-        """End the group this object created, once every rank has got here.
+        """End the group this object created, once every rank has got here (rank 0 exports while the others wait).
 
-        Rank 0 exports the model while the others return at once; a rank that tore its group down then
-        leaves rank 0's own teardown waiting on a gone peer (a gloo group hangs there), hence the barrier.
+        Only a NCCL group is destroyed (PyTorch warns about leaked NCCL resources otherwise). A gloo group is
+        left to the process's exit: its teardown once hung a CPU rank in CI, the main thread joining a gloo
+        thread that was itself waiting for the GIL (seen with gdb).
         """
         if self.owns_group and dist.is_initialized():
             self.barrier()
-            dist.destroy_process_group()
+            if dist.get_backend() == "nccl":
+                dist.destroy_process_group()
             self.owns_group = False

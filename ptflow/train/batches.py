@@ -32,7 +32,7 @@ class StepBatch:
 
     micro: list[tuple]
     labelled: int
-    count: torch.Tensor | None = None
+    count: torch.Tensor
 
 
 @dataclass(frozen=True)

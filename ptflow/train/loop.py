@@ -336,9 +336,8 @@ class Training:
         self.ranks.barrier()
         net = self.step.net
         full_weights = self.ranks.full_weights(net)  # FSDP: gathered on rank 0 (a collective: every rank); else None
-        reports = [self.source.report()]
-        if reports[0] is not None:  # a collective too: every rank's stream tokenizing
-            reports = self.ranks.gather(reports[0])
+        report = self.source.report()  # a stream's tokenizing on this rank (None for stored blocks, on every rank)
+        reports = None if report is None else self.ranks.gather(report)  # a collective too: every rank calls it
         if not self.ranks.is_main:
             return {}
         final = self.ranks.unwrap(net)
@@ -356,7 +355,7 @@ class Training:
                 "final_eval_loss": self.log.value("eval_loss"), "finetuning_type": self.train.finetuning_type,
                 "speedups": self.built.speedups, "precision": self.precision, "train_tokens": results["train_tokens"],
                 "streamed": self.data.plan is not None,
-                **({"stream_tokenizing": reports} if reports[0] is not None else {}),
+                **({"stream_tokenizing": reports} if reports is not None else {}),
                 **{k: results[k] for k in ("train_loss", "train_runtime")}}
 
     def hf_state(self, done: int, summary: dict | None = None) -> dict:

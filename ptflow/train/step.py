@@ -24,10 +24,9 @@ from ptflow.train.kernels import attention_backend
 
 def global_labelled(batch: StepBatch, padded: bool, ranks: Ranks) -> torch.Tensor:
     """Labelled tokens of the whole optimizer step across ranks (one all-reduce, only when rows are padded)."""
-    count = batch.count if batch.count is not None else torch.tensor(float(batch.labelled), device=ranks.device)
     if padded:
-        return ranks.sum(count)
-    return count * ranks.world  # full rows: every rank holds the same number of targets
+        return ranks.sum(batch.count)
+    return batch.count * ranks.world  # full rows: every rank holds the same number of targets
 
 
 @dataclass

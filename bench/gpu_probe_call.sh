@@ -15,14 +15,24 @@
 #   gpu|-|<pytest -k expression>            tests/test_gpu.py on the lane's GPUs (skipped when under
 #                                            TEST_MIN_LEFT_S seconds remain of DEADLINE_S)
 # A pt line run twice in a lane is the compile-cache case: the store keeps its compile cache between runs.
-# A 4th field sets a line's options: MB= STEPS= SKIP= (sizes), and for pt lines SAVE= KILL= KEEP= CUT= (below).
+# A 4th field sets a line's options: MB= STEPS= SKIP= (sizes), NEED=<s> (skip the line unless that many seconds of
+# DEADLINE_S are left), and for pt lines SAVE= KILL= KEEP= CUT= (below), SET=<train key>=<value>,... (train_bench
+# --set), ENV=<VAR>=<value>,... (environment of the run, e.g. NCCL settings) and TMO=<s> (the run's time limit).
+# Every pt line samples nvidia-smi and prints each GPU's highest memory use.
 # $OUT gets log.txt (everything), lane-*.txt, results.jsonl (each run's JSON, appended as it ends) and logs.tgz.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 OUT=${OUT:-/tmp/gpu-probe-out}
 WORK=${ANCHOR_WORK:-/tmp/anchors}
-RES=$WORK/results LOGS=$WORK/logs STORE=${STORE:-/tmp/ptflow-bench-store}
+RES=$WORK/results LOGS=$WORK/logs
+# the store (and so checkpoints) where there is most room: a ~10B model's sharded checkpoint is ~123 GB, about all
+# of these machines' disk, while /dev/shm (RAM) may hold more; a kill -9 of the training processes leaves either
+if [ -z "${STORE:-}" ]; then
+  STORE=/tmp/ptflow-bench-store
+  [ "$(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1)" -gt "$(df -B1G --output=avail /tmp | tail -1)" ] 2>/dev/null \
+    && STORE=/dev/shm/ptflow-bench-store
+fi
 SITE_LF=/tmp/site-lf SITE_CORE=/tmp/site-core DEADLINE_S=${DEADLINE_S:-560} TEST_MIN_LEFT_S=${TEST_MIN_LEFT_S:-90}
 STEPS=${STEPS:-40} SKIP=${SKIP:-10} MB=${MB:-8} SEQ=${SEQ:-2048}
 # The default plan is the 2026-11-27 final call (docs/benchmarks.md): headline ratios and first steps in the
@@ -30,13 +40,13 @@ STEPS=${STEPS:-40} SKIP=${SKIP:-10} MB=${MB:-8} SEQ=${SEQ:-2048}
 # efficiency), and the largest model trained here with FSDP (~10.2B, cut after STEPS: its export alone would
 # take minutes).
 FIRST=${FIRST-"prep|-|2"}  # FIRST="" runs none
-LANE_A=${LANE_A:-"lf|llama-1.1b|enable_liger_kernel=true
+LANE_A=${LANE_A-"lf|llama-1.1b|enable_liger_kernel=true
 pt|llama-1.1b|layers
 pt|llama-1.1b|layers"}
-LANE_B=${LANE_B:-"lf|llama-160m|torch_compile=true
+LANE_B=${LANE_B-"lf|llama-160m|torch_compile=true
 pt|llama-160m|compile+flex
 pt|llama-160m|layers+flex"}
-BOTH=${BOTH:-"pt|llama-1.1b|layers+ddp
+BOTH=${BOTH-"pt|llama-1.1b|layers+ddp
 pt|llama-1.1b|layers+fsdp|SAVE=20 KILL=train:step-22 KEEP=1
 pt|llama-1.1b|layers+fsdp|SAVE=20
 mk|llama-10b|llama-1.1b:hidden_size=5120,num_hidden_layers=36,intermediate_size=13824,num_attention_heads=40,num_key_value_heads=8,head_dim=128
@@ -51,6 +61,7 @@ say() { echo "=== [$(date +%T) +${SECONDS}s] $*"; }
 
 say "setup"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+df -h / /tmp /dev/shm 2>/dev/null; free -g | head -2; echo "store: $STORE"
 # `wait` always names its pids: a bare `wait` also waits for the tee above, which never ends
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE_LF" .whl/*.whl > "$LOGS/install_lf.log" 2>&1 &
 P1=$!
@@ -61,16 +72,22 @@ P2=$!
   > "$LOGS/assets.log" 2>&1 || tail -20 "$LOGS/assets.log"
 wait $P1 $P2
 say "sites and assets ready"
-MODELS=$(printf '%s\n%s\n' "$LANE_A" "$LANE_B" | awk -F'|' '$1 == "pt" {print $2}' | sort -u | paste -sd, -)
-env PYTHONPATH="$SITE_LF" CUDA_VISIBLE_DEVICES=0 timeout 150 python3 .anchors/lf_anchor.py preprocess \
-  --model-dir "$WORK/models/llama-1.1b" --model-name llama-1.1b --dataset-dir "$WORK/data" \
-  --tokenized-path "$WORK/tokenized_$SEQ" --output-dir "$WORK/lf_out/preprocess" --result "$RES/lf_preprocess.json" \
-  --mb "$MB" --steps "$STEPS" --skip "$SKIP" --cutoff "$SEQ" --num-proc 16 > "$LOGS/lf-preprocess.log" 2>&1 &
-P1=$!
+MADE=$(printf '%s\n' "$FIRST" "$LANE_A" "$LANE_B" "$BOTH" | awk -F'|' '$1 == "mk" {print $2}')  # made later
+MODELS=$(printf '%s\n' "$LANE_A" "$LANE_B" "$BOTH" | awk -F'|' '$1 == "pt" {print $2}' | grep -vxF "${MADE:-none}" \
+  | sort -u | paste -sd, -)
+MODELS=${MODELS:-llama-1.1b}  # made models share its tokenizer, so its prepared data serves them
+P1=""
+if printf '%s\n' "$FIRST" "$LANE_A" "$LANE_B" "$BOTH" | grep -q '^lf|'; then  # LLaMA-Factory's tokenized data
+  env PYTHONPATH="$SITE_LF" CUDA_VISIBLE_DEVICES=0 timeout 150 python3 .anchors/lf_anchor.py preprocess \
+    --model-dir "$WORK/models/llama-1.1b" --model-name llama-1.1b --dataset-dir "$WORK/data" \
+    --tokenized-path "$WORK/tokenized_$SEQ" --output-dir "$WORK/lf_out/preprocess" --result "$RES/lf_preprocess.json" \
+    --mb "$MB" --steps "$STEPS" --skip "$SKIP" --cutoff "$SEQ" --num-proc 16 > "$LOGS/lf-preprocess.log" 2>&1 &
+  P1=$!
+fi
 env PYTHONPATH="$SITE_CORE:$REPO" timeout 150 python3 bench/train_bench.py --prepare-only --anchors-work "$WORK" \
   --models "$MODELS" --variants eager --seq "$SEQ" --store "$STORE" > "$LOGS/pt-prepare.log" 2>&1 \
   || tail -20 "$LOGS/pt-prepare.log"
-wait $P1
+[ -z "$P1" ] || wait $P1
 say "setup done"
 
 run_line() {  # run_line <gpus> <kind|model|arg[|VAR=value ...]>
@@ -79,8 +96,9 @@ run_line() {  # run_line <gpus> <kind|model|arg[|VAR=value ...]>
   name="$kind-$model-$arg"
   local n=$(( $(tr -cd , <<< "$devices" | wc -c) + 1 )) start=$SECONDS rc
   [ -n "$devices" ] || devices=0  # a CPU line (prep) still shows one GPU: LLaMA-Factory refuses none with bf16
-  local MB=$MB STEPS=$STEPS SKIP=$SKIP SAVE="" KILL="" KEEP="" CUT=""  # a line's options override these
+  local MB=$MB STEPS=$STEPS SKIP=$SKIP SAVE="" KILL="" KEEP="" CUT="" SET="" ENV="" TMO=250 NEED=0  # a line's options
   [ -n "$opts" ] && local $opts
+  if [ $((DEADLINE_S - SECONDS)) -lt "$NEED" ]; then say "skip $name: needs ${NEED}s, $((DEADLINE_S - SECONDS))s left"; return; fi
   say "start $name on GPU $devices ${opts:+($opts)}"
   case $kind in
     mk) python3 - "$WORK/models" "$model" "$arg" <<'PY'  # mk|<new model>|<base model>:key=value,...
@@ -110,10 +128,13 @@ PY
         plain=$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name-$start")  # the device tool returns plain file names only
         # no TORCHINDUCTOR_CACHE_DIR: ptflow keeps its compile caches in the store (<store>/compile-cache), so a
         # lane's second run of a variant, or a resume, is the cache-hit case
-        env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" \
-          ${KILL:+PTFLOW_KILL_AT=$KILL} setsid timeout -k 10 250 python3 bench/train_bench.py --anchors-work "$WORK" \
+        nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$LOGS/$name.smi" 2>/dev/null &
+        local smi=$!
+        env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" ${ENV:+$(tr , ' ' <<< "$ENV")} \
+          ${KILL:+PTFLOW_KILL_AT=$KILL} setsid timeout -k 10 "$TMO" python3 bench/train_bench.py --anchors-work "$WORK" \
           --models "$model" --variants "$arg" --results "$RES" --store "$store" --mb "$MB" --seq "$SEQ" \
-          --steps "$STEPS" --skip "$SKIP" --gpus "$n" --timeout 240 ${SAVE:+--save-steps $SAVE} > "$LOGS/$name.log" 2>&1 &
+          --steps "$STEPS" --skip "$SKIP" --gpus "$n" --timeout $((TMO - 10)) ${SAVE:+--save-steps $SAVE} \
+          ${SET:+--set $SET} > "$LOGS/$name.log" 2>&1 &
         local pid=$!
         if [ -n "$CUT" ]; then
           until ! kill -0 $pid 2>/dev/null || [ $SECONDS -ge $DEADLINE_S ] || grep -qs "\"current_steps\": $STEPS," "$store"/cache/train/*.work/trainer_log.jsonl; do
@@ -123,6 +144,9 @@ PY
           grep -h '"loss"' "$RES/$plain.trainer_log.jsonl" | cut -c1-600
         fi
         wait $pid; rc=$?
+        kill $smi 2>/dev/null
+        awk -F', ' '$2 > max[$1] {max[$1] = $2} END {for (g in max) printf "GPU %s peak memory used %.1f GiB (nvidia-smi)\n", g, max[g] / 1024}' \
+          "$LOGS/$name.smi"
         [ -n "$KEEP" ] || rm -rf "$store/cache/train"  # a 1.1b entry: 17 GB
         mv "$RES/run_ptflow-${arg}_${model}_mb$MB.json" "$RES/$plain.json" 2>/dev/null ;;
     prep) env PYTHONPATH="$SITE_CORE:$REPO" timeout -k 5 150 python3 bench/prepare_bench.py --stage --assets "$WORK" \
@@ -145,7 +169,7 @@ PY
       "$f" "$name" >> "$OUT/results.jsonl"
   done
   [ "$rc" = 0 ] || grep -v "it/s\]\|s/it\]" "$LOGS/$name.log" | tail -25 | cut -c1-300
-  grep -hE "^ANCHOR_RESULT|^\| llama|tok/s|GPU busy|^  [a-z].* ms |first step|Error|ptflow.train train: (resum|first|[0-9,]+ param)" \
+  grep -hE "^ANCHOR_RESULT|^\| llama|tok/s|GPU busy|^  [a-z].* ms |first step|Error|ptflow.train train: (resum|first|[0-9,]+ param|checkpoint|model built)" \
     "$LOGS/$name.log" | cut -c1-300 | head -30
 }
 lane() {  # lane <gpus> <lines>

@@ -43,21 +43,29 @@ def world_of(variant: str, gpus: int) -> int:
     return gpus if {"ddp", "fsdp"} & set(variant.split("+")) else 1
 
 
-def train_section(variant: str, steps: int, mb: int, lr: float, gpus: int = 2, save_steps: int | None = None):
-    """No checkpoints unless `save_steps` (LLaMA-Factory's anchor runs save_strategy: no too)."""
+def train_section(variant: str, steps: int, mb: int, lr: float, gpus: int = 2, save_steps: int | None = None,
+                  overrides: str = ""):
+    """No checkpoints unless `save_steps` (LLaMA-Factory's anchor runs save_strategy: no too); `overrides`:
+    train keys as key=value,... on top of the variant's (e.g. ddp_bucket_cap_mb=100,gradient_checkpointing=true)."""
     from ptflow.config.schema import TrainSection
 
     flags = set(variant.split("+"))
     unknown = flags - KNOWN_FLAGS
     if unknown:
         raise SystemExit(f"train_bench: unknown variant flag(s) {sorted(unknown)} in {variant!r}; known: {sorted(KNOWN_FLAGS)}")
-    return TrainSection(finetuning_type="full", learning_rate=lr, max_steps=steps, per_device_train_batch_size=mb,
+    fields = dict(finetuning_type="full", learning_rate=lr, max_steps=steps, per_device_train_batch_size=mb,
                         lr_scheduler_type="cosine", warmup_steps=10, max_grad_norm=1.0, logging_steps=10,
                         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, bf16=True, pure_bf16="pure" in flags,
                         torch_compile=bool({"compile", "layers"} & flags),
                         compile_scope="layers" if "layers" in flags else "model", enable_liger_kernel="liger" in flags,
                         sdpa_backend="cudnn" if "cudnn" in flags else "flash" if "flash" in flags else "auto",
                         num_processes=world_of(variant, gpus), fsdp="fsdp" in flags, resume_from_checkpoint=False)
+    for item in filter(None, overrides.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in TrainSection.model_fields:
+            raise SystemExit(f"train_bench: --set {item!r}: expected train_key=value with a key of the train section")
+        fields[key] = value  # pydantic converts "true" / "100"
+    return TrainSection(**fields)
 
 
 def prepare(a, model_name: str, variant: str):
@@ -87,7 +95,7 @@ def run_one(a) -> dict:
     started = time.perf_counter()
     model, tok, data, layout = prepare(a, a.model, a.variant)
     prep_s = time.perf_counter() - started
-    section = train_section(a.variant, a.steps, a.mb, a.lr, a.gpus, a.save_steps)
+    section = train_section(a.variant, a.steps, a.mb, a.lr, a.gpus, a.save_steps, a.set)
     world = section.num_processes
     t0 = time.perf_counter()
     art = train(model, section, tok, data, layout, seed=0)
@@ -107,7 +115,7 @@ def run_one(a) -> dict:
     windows = [r for r, _ in steady]
     return {"mode": "ptflow", "tag": a.tag, "model": a.model, "system": f"ptflow-{a.variant}",
             "system_label": "ptflow, " + " + ".join(FLAG_LABELS.get(f, f) for f in a.variant.split("+")),
-            "mb": a.mb, "seq": a.seq, "steps": a.steps, "skip": a.skip, "variant": a.variant,
+            "mb": a.mb, "seq": a.seq, "steps": a.steps, "skip": a.skip, "variant": a.variant, "set": a.set,
             "steady_tokens_per_s": steady_tps, "steady_step_ms": 1000 * tokens_per_step / steady_tps,
             "steady_steps": steady_steps, "world_size": world, "tokens_per_s_total": steady_tps * world,
             "precision": art.stats.get("precision"), "final_loss": art.stats.get("final_loss"),
@@ -145,6 +153,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--save-steps", type=int, help="write a checkpoint every N steps (default: none); a re-run "
                     "of the same variant and store resumes from the newest")
+    ap.add_argument("--set", default="", help="train keys over the variant's, as key=value,... "
+                    "(e.g. ddp_bucket_cap_mb=100,gradient_checkpointing=true); recorded in the result")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--gpus", type=int, default=2, help="processes for the ddp / fsdp variants")
     ap.add_argument("--prepare-only", action="store_true", help="only fill the store's tokenizer and dataset caches")
@@ -171,7 +181,7 @@ def main() -> None:
         return
     if a.dry_run:
         for variant in a.variants.split(","):
-            t = train_section(variant, a.steps, a.mb, a.lr, a.gpus)
+            t = train_section(variant, a.steps, a.mb, a.lr, a.gpus, overrides=a.set)
             keys = ("num_processes", "fsdp", "bf16", "pure_bf16", "torch_compile", "compile_scope", "sdpa_backend",
                     "enable_liger_kernel", "max_steps", "per_device_train_batch_size", "logging_steps")
             flags = set(variant.split("+"))
@@ -188,7 +198,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", "--anchors-work", a.anchors_work, "--model", model,
                    "--variant", variant, "--tag", tag, "--result", str(out), "--store", a.store, "--mb", str(a.mb),
                    "--seq", str(a.seq), "--steps", str(a.steps), "--skip", str(a.skip), "--lr", str(a.lr),
-                   "--gpus", str(a.gpus), *(["--save-steps", str(a.save_steps)] if a.save_steps else [])]
+                   "--gpus", str(a.gpus), "--set", a.set, *(["--save-steps", str(a.save_steps)] if a.save_steps else [])]
             print(f"=== {tag}", flush=True)
             t0 = time.perf_counter()
             try:

@@ -103,7 +103,8 @@ def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artif
         {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(loaded.config).named_parameters()}
     checkpoint = fsdp.dir / "checkpoint-3"
     assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "trainable.safetensors").exists()
-    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2  # each rank wrote its own shards
+    files = {f.name for f in (checkpoint / "sharded").glob("*.distcp")}  # each rank wrote its own shards, in parallel
+    assert {name.split("_")[2] for name in files} == {"0", "1"} and len(files) == 2 * sharding.WRITE_THREADS
     # the sharded checkpoint re-shards onto one plain process: the same weights and AdamW state as DDP's
     net = AutoModelForCausalLM.from_pretrained(fsdp.dir, use_safetensors=True)
     optimizer = torch.optim.AdamW(net.parameters())

@@ -143,6 +143,35 @@ def test_scratch_init_is_seeded(tiny_model_dir):
     assert not torch.equal(a.state_dict()[w], c.state_dict()[w])
 
 
+def test_scratch_init_follows_the_models_own_init(tiny_model_dir):
+    """Built on the meta device, initialised by the model's `_init_weights`: N(0, 0.02) matrices, unit norms, a zero
+    padding row, the head still tied to the embedding, real rotary frequencies."""
+    net = build_model(scratch(tiny_model_dir), tiny_model_dir, 4096, seed=0)
+    embed = net.model.embed_tokens.weight
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in net.parameters())
+    assert net.lm_head.weight is embed and count_parameters(net)[0] == TOTAL_PARAMS
+    assert torch.count_nonzero(embed[TINY_LLAMA["pad_token_id"]]) == 0
+    assert torch.equal(net.model.norm.weight, torch.ones(32))
+    up = net.model.layers[0].mlp.up_proj.weight
+    assert abs(float(up.mean())) < 2e-3 and float(up.std()) == pytest.approx(0.02, rel=0.1)
+    assert torch.allclose(net.model.rotary_emb.inv_freq, net.model.rotary_emb.original_inv_freq)
+    assert float(net.model.rotary_emb.inv_freq[0]) == 1.0
+
+
+def test_a_parameter_the_init_does_not_reach_is_named(tiny_model_dir):
+    """An extra parameter that `_init_weights` knows nothing of would train from uninitialised memory: refused."""
+    from transformers import AutoModelForCausalLM
+
+    from ptflow.train.init_weights import initialize
+    from tiny_assets import tiny_llama_config
+
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(tiny_llama_config())
+        net.model.layers[1].mlp.register_parameter("gain", torch.nn.Parameter(torch.empty(32)))
+    with pytest.raises(ModelError, match=r"does not initialise model\.layers\.1\.mlp\.gain"):
+        initialize(net, torch.device("cpu"), seed=0)
+
+
 def test_pickle_weights_are_refused(tiny_weights_dir, tmp_path):
     folder = tmp_path / "bin-only"
     folder.mkdir()

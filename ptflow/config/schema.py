@@ -268,6 +268,10 @@ class TrainSection(Section):
         False, description="Shard parameters, gradients and optimizer states across the training processes "
         "(PyTorch FSDP2, one unit per decoder layer) instead of replicating them (DDP): for models whose weights and "
         "AdamW states do not fit one GPU. Needs num_processes > 1; full or freeze training.")
+    ddp_bucket_cap_mb: int | None = Field(
+        None, ge=1, description="DDP: megabytes of gradients per all-reduce bucket (transformers' key; unset: "
+        "PyTorch's 25). Larger buckets mean fewer, longer all-reduces that overlap the backward pass less. Not part "
+        "of the cache key: it changes when gradients are reduced, not their values.")
     use_cpu: bool = Field(
         False, description="Train and evaluate on the CPU even when a GPU is visible (transformers' use_cpu); one "
         "process unless num_processes says more. Not part of the cache key: where a stage runs never is.")
@@ -328,7 +332,7 @@ class TrainSection(Section):
         fields = self.model_dump(mode="json")
         # Nor does use_cpu: keys never depend on where a stage runs (a GPU run's model serves a use_cpu config).
         for name in ("logging_steps", "save_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
-                     "do_train", "use_cpu"):
+                     "do_train", "use_cpu", "ddp_bucket_cap_mb"):
             fields.pop(name)
         return fields
 

@@ -18,6 +18,7 @@ from ptflow.config.schema import ModelSection, TrainSection
 from ptflow.train import sharding
 from ptflow.train.bf16_adamw import StochasticRoundingAdamW
 from ptflow.train.distributed import Ranks
+from ptflow.train.init_weights import initialize
 from ptflow.train.kernels import apply_speedups, base_causal_lm
 from ptflow.train.model import build_model, count_parameters, setup_finetuning
 from ptflow.train.telemetry import matmul_parameters
@@ -38,9 +39,9 @@ def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab
     """The model to train on this rank's device, in its precision, with activation checkpointing, kernels, compile
     and its wrapper (DDP, or FSDP with `train.fsdp`) applied; build the optimizer after it (FSDP swaps parameters)."""
     sharded = train.fsdp and ranks.world > 1
-    # FSDP shards a model too big for one device: it is built on the CPU and sharded; otherwise built in place
-    init_device = ranks.device if ranks.device.type == "cuda" and not sharded else None
-    net = setup_finetuning(build_model(section, model_dir, vocab_size, seed, init_device), train)
+    # FSDP shards a model too big for one device: from scratch, it stays on the meta device until it is sharded,
+    # then each rank initialises only its shards; saved weights load on the CPU, then shard
+    net = setup_finetuning(build_model(section, model_dir, vocab_size, seed, ranks.device, sharded), train)
     if train.pure_bf16:
         net.to(torch.bfloat16)
     if train.gradient_checkpointing:
@@ -55,7 +56,10 @@ def build_net(section: ModelSection, model_dir: Path, train: TrainSection, vocab
         if train.torch_compile:
             speedups.append(sharding.compile_layers(net))
         speedups.append(f"FSDP over {ranks.world} processes")
-    net = ranks.wrap(net, fsdp=sharded, bf16_autocast=train.bf16 and not train.pure_bf16)
+    net = ranks.wrap(net, fsdp=sharded, bf16_autocast=train.bf16 and not train.pure_bf16,
+                     bucket_cap_mb=train.ddp_bucket_cap_mb)
+    if sharded and section.train_from_scratch:
+        initialize(net, ranks.device, seed)
     return Built(net, n_total, n_trainable, n_matmul, speedups)
 
 

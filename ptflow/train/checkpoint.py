@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ptflow import faults
 from ptflow.errors import CheckpointError
-from ptflow.store.entries import sha256_file
+from ptflow.store.entries import sha256_files
 from ptflow.train import sharding
 
 log = logging.getLogger("ptflow.checkpoint")
@@ -79,7 +79,8 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, finger
     torch.save(rng, tmp / "rng_state.pth")
     (tmp / "trainer_state.json").write_text(json.dumps(extra.get("trainer_state", {}), indent=2))
     written = sorted(f for f in tmp.rglob("*") if f.is_file())  # sharded/ holds every rank's shard files
-    files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in written}
+    digests = sha256_files(written)
+    files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": digests[f]} for f in written}
     meta = {"step": step, "fingerprint": fingerprint, "files": files,
             **{k: v for k, v in extra.items() if k != "trainer_state"}}
     (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -124,7 +125,8 @@ def damage(path: Path, verify: bool = False) -> str | None:
     missing = [f for f in (*state, "scheduler.pt", "rng_state.pth") if not (path / f).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
-    for name, expected in meta.get("files", {}).items():
+    recorded = meta.get("files", {})
+    for name, expected in recorded.items():
         file = path / name
         try:
             size = file.stat().st_size
@@ -132,8 +134,11 @@ def damage(path: Path, verify: bool = False) -> str | None:
             return f"{name} missing"
         if size != expected["size"]:
             return f"{name} has {size} bytes, expected {expected['size']}"
-        if verify and sha256_file(file) != expected["sha256"]:
-            return f"{name} content changed (sha256 mismatch)"
+    if verify:
+        digests = sha256_files([path / name for name in recorded])
+        for name, expected in recorded.items():
+            if digests[path / name] != expected["sha256"]:
+                return f"{name} content changed (sha256 mismatch)"
     return None
 
 

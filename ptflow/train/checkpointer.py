@@ -33,7 +33,10 @@ def resume_path(folder: Path, setting: str | bool, ranks: Ranks) -> Path | None:
         ranks.barrier()
         return None
     if setting in (True, "auto", "true", "True"):
-        return ckpt.newest_valid(folder)
+        # rank 0 re-hashes the candidates (a 10B model's sharded checkpoint is ~120 GB) and the others take its pick
+        found = ckpt.newest_valid(folder) if ranks.is_main else None
+        found = ranks.broadcast(None if found is None else str(found))
+        return None if found is None else Path(found)
     path = Path(str(setting)).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"train.resume_from_checkpoint: {path} is not a directory; give a checkpoint-<step> "
@@ -65,8 +68,8 @@ class Checkpointer:
         self.running = meta.get("running_loss", {})  # so train_loss and the next logged loss match an unbroken run
         return meta["step"], path, cursor
 
-    def save(self, step: int, net, optimizer, scheduler, extra: dict) -> None:
-        """Write checkpoint-<step> (every rank calls it) and rotate old ones.
+    def save(self, step: int, net, optimizer, scheduler, extra: dict) -> Path | None:
+        """Write checkpoint-<step> (every rank calls it) and rotate old ones; its folder on rank 0, else None.
 
         With FSDP every rank writes its own shards into the temp folder first (no gather); rank 0 then
         adds the schedule, RNG and metadata and renames the folder into place.
@@ -78,9 +81,11 @@ class Checkpointer:
             ranks.barrier()
             sharding.save_sharded(net, optimizer, self.folder / f".tmp-checkpoint-{step}" / ckpt.SHARDED)
         ranks.barrier()
+        saved = None
         if ranks.is_main:
-            ckpt.save_checkpoint(self.folder, step, ranks.unwrap(net), optimizer, scheduler,
-                                 self.fingerprint, extra, sharded=sharded)
+            saved = ckpt.save_checkpoint(self.folder, step, ranks.unwrap(net), optimizer, scheduler,
+                                         self.fingerprint, extra, sharded=sharded)
             ckpt.rotate(self.folder, self.train.save_total_limit)
             publish_checkpoints(self.folder, self.train.save_total_limit)  # an object store: upload it now
         ranks.barrier()  # nobody races ahead to a resume or deletion of a half-written folder
+        return saved

@@ -99,6 +99,14 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (a collective: every rank calls it)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of `tensor` over every rank (a new tensor; the input is left as it is)."""
         if self.world == 1:
@@ -107,8 +115,13 @@ class Ranks:
         dist.all_reduce(total)
         return total
 
-    def wrap(self, net: torch.nn.Module, fsdp: bool = False, bf16_autocast: bool = False) -> torch.nn.Module:
-        """`net` on this rank's device, as one process runs it, under DDP, or sharded by FSDP2 (in place)."""
+    def wrap(self, net: torch.nn.Module, fsdp: bool = False, bf16_autocast: bool = False,
+             bucket_cap_mb: int | None = None) -> torch.nn.Module:
+        """`net` on this rank's device, as one process runs it, under DDP, or sharded by FSDP2 (in place).
+
+        DDP does not broadcast buffers before each forward (its default): a causal LM's buffers (rotary
+        frequencies) are constants, identical on every rank from the start.
+        """
         if self.world > 1 and fsdp:
             sharding.shard(net, self.device, self.world, bf16_autocast)  # moves each unit's shards to the device
             self.mode = "fsdp"
@@ -120,7 +133,8 @@ class Ranks:
 
         self.mode = "ddp"
         return DistributedDataParallel(net, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
-                                       gradient_as_bucket_view=True, find_unused_parameters=False)
+                                       gradient_as_bucket_view=True, find_unused_parameters=False,
+                                       broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb)
 
     def unwrap(self, net: torch.nn.Module) -> torch.nn.Module:
         """The model itself (what is saved and evaluated): DDP's inner module; an FSDP2 model is its own."""

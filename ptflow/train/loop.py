@@ -187,14 +187,19 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     data = TrainData.open(dataset, train, ranks.world)
     tok = open_tokenizer(tokenizer.path)
     model_dir = resolve_model_dir(model_section, weights=not model_section.train_from_scratch)
+    built_at = time.perf_counter()
     built = build_net(model_section, model_dir, train, len(tok), seed, ranks)  # on the device, wrapped
+    log.info("train: model built in %.1f s", time.perf_counter() - built_at)
     optimizer = build_optimizer(ranks.unwrap(built.net), train, ranks.device, seed)
     scheduler = build_scheduler(optimizer, train, data.total_steps)
     checkpointer = Checkpointer(folder, train, ranks, {**fingerprint, "world_size": ranks.world})
+    restore_at = time.perf_counter()
     start_step, resumed_from, cursor = checkpointer.restore(built.net, optimizer, scheduler, data.plan is not None)
     if resumed_from is not None:
-        log.info("train: resuming from %s (step %d of %d%s)", resumed_from.name, start_step, data.total_steps,
-                 f", stream at pass {cursor.epoch + 1} shard {cursor.shard} token {cursor.offset}" if cursor else "")
+        log.info("train: resuming from %s (step %d of %d%s), verified and loaded in %.1f s", resumed_from.name,
+                 start_step, data.total_steps,
+                 f", stream at pass {cursor.epoch + 1} shard {cursor.shard} token {cursor.offset}" if cursor else "",
+                 time.perf_counter() - restore_at)
     cut = Slicing(train.per_device_train_batch_size, train.gradient_accumulation_steps, ranks.rank, ranks.world,
                   data.seq_len, ranks.device)
     node = NodeTokens.from_env(Layout.node_tokens(folder), tokenizer.digest)  # torchrun: shard tokens shared
@@ -329,7 +334,13 @@ class Training:
         cursor = self.source.cursor_at(done)
         if cursor is not None:
             extra["data_cursor"] = cursor
-        self.checkpointer.save(done, self.step.net, self.step.optimizer, self.step.scheduler, extra)
+        started = time.perf_counter()
+        path = self.checkpointer.save(done, self.step.net, self.step.optimizer, self.step.scheduler, extra)
+        took = time.perf_counter() - started
+        self.window.opened += took  # as evaluation: writing a checkpoint is not training throughput
+        if path is not None:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            log.info("train: %s saved, %.1f GB in %.1f s", path.name, size / 1e9, took)
 
     def export(self, tok, runtime: float, resumed_from: Path | None) -> dict:
         """The final model, tokenizer and results files (rank 0); the run's summary."""

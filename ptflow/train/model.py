@@ -40,13 +40,14 @@ def model_files(model_dir: Path, from_scratch: bool) -> list[Path]:
 
 
 def build_model(section: ModelSection, model_dir: Path, vocab_size: int, seed: int,
-                init_device: torch.device | None = None):
+                init_device: torch.device | None = None, sharded: bool = False):
     """The model in fp32 (master weights), from its config (random init) or from safetensors weights.
 
-    `init_device`: where a from-scratch model is created and randomly initialised. On a GPU that takes a
-    fraction of a second for a 1B model, against seconds to tens of seconds on the CPU (one thread per rank
-    under torchrun), which is most of a cold first step. The weights differ from a CPU build with the same
-    seed (another random generator), as any GPU run's numbers do.
+    A from-scratch model is built on the meta device and initialised on `init_device` (default: the CPU), where
+    it trains: on a GPU that takes a fraction of a second for a 1B model, against seconds to tens of seconds on
+    the CPU. With `sharded` it is left on the meta device for FSDP to shard first; `init_weights.initialize`
+    then allocates and initialises each rank's shards. Either way the weights are the same for a given seed
+    and kind of device (`init_weights`), and differ from a CPU build, as any GPU run's numbers do.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -55,30 +56,45 @@ def build_model(section: ModelSection, model_dir: Path, vocab_size: int, seed: i
     try:
         if section.train_from_scratch:
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=section.trust_remote_code)
-            with torch.device(init_device or "cpu"), init_threads():
+            config.vocab_size = vocab_for(section, config.vocab_size, vocab_size)  # random rows either way
+            with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True, **kwargs)
+            model_vocab = model.get_input_embeddings().weight.shape[0]
+            if vocab_for(section, model_vocab, vocab_size) != model_vocab:
+                model.resize_token_embeddings(vocab_size, pad_to_multiple_of=64)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.model_name_or_path: cannot build the model from {model_dir}: {exc}") from None
-    model_vocab = model.get_input_embeddings().weight.shape[0]
-    if vocab_size > model_vocab:
-        if not section.resize_vocab:
-            raise ModelError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary is {model_vocab}; "
-                             "set model.resize_vocab: true or use the model's own tokenizer")
-        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=64)
-        log.info("model: resized embeddings %d -> %d", model_vocab, model.get_input_embeddings().weight.shape[0])
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    if section.train_from_scratch and not sharded:
+        from ptflow.train.init_weights import initialize
+
+        with init_threads():
+            initialize(model, init_device or torch.device("cpu"), seed)
     return model
+
+
+def vocab_for(section: ModelSection, model_vocab: int, tokenizer_vocab: int) -> int:
+    """The vocabulary the model needs: its own, or the tokenizer's rounded up to a multiple of 64 (resize_vocab)."""
+    if tokenizer_vocab <= model_vocab:
+        return model_vocab
+    if not section.resize_vocab:
+        raise ModelError(f"the tokenizer has {tokenizer_vocab} tokens but the model's vocabulary is {model_vocab}; "
+                         "set model.resize_vocab: true or use the model's own tokenizer")
+    padded = -(-tokenizer_vocab // 64) * 64
+    log.info("model: vocabulary %d -> %d (the tokenizer's %d, padded to a multiple of 64)", model_vocab, padded,
+             tokenizer_vocab)
+    return padded
 
 
 @contextmanager
 def init_threads():
     """This rank's share of the host's cores while weights are initialised on the CPU.
 
-    torchrun sets OMP_NUM_THREADS=1, which leaves a model built on the CPU (FSDP builds there, then shards)
-    initialising billions of weights on one core each; the ranks of a node split the cores instead.
+    torchrun sets OMP_NUM_THREADS=1, which leaves a model initialised on the CPU (CPU ranks, tests) drawing
+    its weights on one core each; the ranks of a node split the cores instead.
     """
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

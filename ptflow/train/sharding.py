@@ -20,6 +20,8 @@ import torch
 
 from ptflow.train.kernels import base_causal_lm
 
+WRITE_THREADS = 8  # files (and writer threads) per rank in a sharded checkpoint
+
 
 def decoder_layers(model):
     causal_lm = base_causal_lm(model)
@@ -50,11 +52,14 @@ def compile_layers(model) -> str:
 
 def save_sharded(model, optimizer, folder: Path) -> None:
     """Every rank writes its shards of the weights and optimizer state into `folder` (a collective)."""
-    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint import FileSystemWriter, save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     weights, optimizer_state = get_state_dict(model, optimizer)
-    save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=folder)
+    # several files per rank, written by parallel threads (and hashed in parallel afterwards): one ~60 GB file per
+    # rank of a 10B model would be written and hashed by a single thread
+    save({"model": weights, "optimizer": optimizer_state}, storage_writer=FileSystemWriter(folder,
+                                                                                         thread_count=WRITE_THREADS))
 
 
 def load_sharded(model, optimizer, folder: Path) -> None:

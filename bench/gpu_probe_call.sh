@@ -119,7 +119,7 @@ PY
           timeout -k 10 240 python3 .anchors/lf_anchor.py train --model-dir "$WORK/models/$model" --model-name "$model" \
           --dataset-dir "$WORK/data" --tokenized-path "$WORK/tokenized_$SEQ" --output-dir "$WORK/lf_out/$name" \
           --result "$RES/run_$name.json" --tag "$name" --mb "$MB" --steps "$STEPS" --skip "$SKIP" --cutoff "$SEQ" \
-          --num-proc 16 --lf-arg "$arg" > "$LOGS/$name.log" 2>&1; rc=$?; rm -rf "$WORK/lf_out/$name"
+          --num-proc 16 --lf-arg "$arg" > "$LOGS/$name@$start.log" 2>&1; rc=$?; rm -rf "$WORK/lf_out/$name"
         mv "$RES/run_$name.json" "$RES/$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name").json" 2>/dev/null ;;
     pt) # SAVE=n: checkpoints every n steps; KILL=<fault point>: every rank SIGKILLs itself there (kill -9);
         # KEEP=1: keep the train entry/work folder for the next line (a resume); CUT=1: stop once the log has
@@ -128,13 +128,13 @@ PY
         plain=$(tr -c 'A-Za-z0-9._\n-' _ <<< "$name-$start")  # the device tool returns plain file names only
         # no TORCHINDUCTOR_CACHE_DIR: ptflow keeps its compile caches in the store (<store>/compile-cache), so a
         # lane's second run of a variant, or a resume, is the cache-hit case
-        nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$LOGS/$name.smi" 2>/dev/null &
+        nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$LOGS/$name@$start.smi" 2>/dev/null &
         local smi=$!
         env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" ${ENV:+$(tr , ' ' <<< "$ENV")} \
           ${KILL:+PTFLOW_KILL_AT=$KILL} setsid timeout -k 10 "$TMO" python3 bench/train_bench.py --anchors-work "$WORK" \
           --models "$model" --variants "$arg" --results "$RES" --store "$store" --mb "$MB" --seq "$SEQ" \
           --steps "$STEPS" --skip "$SKIP" --gpus "$n" --timeout $((TMO - 10)) ${SAVE:+--save-steps $SAVE} \
-          ${SET:+--set $SET} > "$LOGS/$name.log" 2>&1 &
+          ${SET:+--set $SET} > "$LOGS/$name@$start.log" 2>&1 &
         local pid=$!
         if [ -n "$CUT" ]; then
           until ! kill -0 $pid 2>/dev/null || [ $SECONDS -ge $DEADLINE_S ] || grep -qs "\"current_steps\": $STEPS," "$store"/cache/train/*.work/trainer_log.jsonl; do
@@ -146,21 +146,21 @@ PY
         wait $pid; rc=$?
         kill $smi 2>/dev/null
         awk -F', ' '$2 > max[$1] {max[$1] = $2} END {for (g in max) printf "GPU %s peak memory used %.1f GiB (nvidia-smi)\n", g, max[g] / 1024}' \
-          "$LOGS/$name.smi"
+          "$LOGS/$name@$start.smi"
         [ -n "$KEEP" ] || rm -rf "$store/cache/train"  # a 1.1b entry: 17 GB
         mv "$RES/run_ptflow-${arg}_${model}_mb$MB.json" "$RES/$plain.json" 2>/dev/null ;;
     prep) env PYTHONPATH="$SITE_CORE:$REPO" timeout -k 5 150 python3 bench/prepare_bench.py --stage --assets "$WORK" \
             --workers 16 --repeats "$arg" --lf-anchor .anchors/lf_anchor.py --lf-site "$SITE_LF" \
-            --json "$OUT/prepare_stage.json" > "$LOGS/$name.log" 2>&1; rc=$?
-          tail -40 "$LOGS/$name.log" ;;
+            --json "$OUT/prepare_stage.json" > "$LOGS/$name@$start.log" 2>&1; rc=$?
+          tail -40 "$LOGS/$name@$start.log" ;;
     gpu) if [ $((DEADLINE_S - SECONDS)) -lt "$TEST_MIN_LEFT_S" ]; then say "skip $name: too little time left"; return; fi
          env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" timeout -k 5 $((DEADLINE_S - SECONDS - 10)) \
            python3 -m pytest -q -p no:cacheprovider -m "integration or not integration" tests/test_gpu.py -k "$arg" \
-           > "$LOGS/$name.log" 2>&1; rc=$?
-         tail -15 "$LOGS/$name.log" ;;
+           > "$LOGS/$name@$start.log" 2>&1; rc=$?
+         tail -15 "$LOGS/$name@$start.log" ;;
     prof) env PYTHONPATH="$SITE_CORE:$REPO" CUDA_VISIBLE_DEVICES="$devices" TORCHINDUCTOR_CACHE_DIR="/tmp/cache/$name" \
           timeout -k 10 200 python3 bench/profile_train.py --model-dir "$WORK/models/$model" --variant "$arg" \
-          --mb "$MB" --seq "$SEQ" > "$LOGS/$name.log" 2>&1; rc=$? ;;
+          --mb "$MB" --seq "$SEQ" > "$LOGS/$name@$start.log" 2>&1; rc=$? ;;
   esac
   say "end $name rc=$rc in $((SECONDS - start))s"
   # the device tool returns a handful of files: every run's JSON goes into one results.jsonl, as it ends
@@ -168,9 +168,9 @@ PY
     [ -f "$f" ] && python3 -c "import json, sys; print(json.dumps({'run': sys.argv[2], **json.load(open(sys.argv[1]))}))" \
       "$f" "$name" >> "$OUT/results.jsonl"
   done
-  [ "$rc" = 0 ] || grep -v "it/s\]\|s/it\]" "$LOGS/$name.log" | tail -25 | cut -c1-300
+  [ "$rc" = 0 ] || grep -v "it/s\]\|s/it\]" "$LOGS/$name@$start.log" | tail -25 | cut -c1-300
   grep -hE "^ANCHOR_RESULT|^\| llama|tok/s|GPU busy|^  [a-z].* ms |first step|Error|ptflow.train train: (resum|first|[0-9,]+ param|checkpoint|model built)" \
-    "$LOGS/$name.log" | cut -c1-300 | head -30
+    "$LOGS/$name@$start.log" | cut -c1-300 | head -30
 }
 lane() {  # lane <gpus> <lines>
   while IFS= read -r line; do [ -n "$line" ] && run_line "$1" "$line"; done <<< "$2"

@@ -73,7 +73,9 @@ def train_steps(ranks: Ranks, fsdp: bool) -> dict:
 def launch(out: Path, cuda: bool = False) -> dict:
     """This file under torchrun on two processes (gloo CPU ranks, or one GPU each with NCCL); rank 0's report."""
     here = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    # ahead of the caller's path, not instead of it (a GPU machine may carry packages on PYTHONPATH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(here.parent), str(here),
+                                                                     os.environ.get("PYTHONPATH")]))}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

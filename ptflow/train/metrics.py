@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,7 +115,8 @@ class TrainLog:
         self.history.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        log.info("train: %s", fmt(record))
+        if os.environ.get("PTFLOW_LAUNCHED") != "1":  # under torchrun the launching process relays each record
+            log.info("train: %s", fmt(record))
         if self.on_log:
             self.on_log(record)
 

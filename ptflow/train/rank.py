@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,10 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     folder = Path(spec["folder"])
     rank0 = os.environ.get("RANK", "0") == "0"
+    # rank 0's progress (model built, resumed from, checkpoint saved) on stderr, which the launching process shows;
+    # the other ranks only warn
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s rank {os.environ.get('RANK', '0')} %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         stats = run_training(folder, ModelSection(**spec["model"]), TrainSection(**spec["train"]),
                              Artifact(**spec["tokenizer"]), Artifact(**spec["dataset"]), spec["seed"],

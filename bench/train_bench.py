@@ -59,7 +59,10 @@ def train_section(variant: str, steps: int, mb: int, lr: float, gpus: int = 2, s
                         torch_compile=bool({"compile", "layers"} & flags),
                         compile_scope="layers" if "layers" in flags else "model", enable_liger_kernel="liger" in flags,
                         sdpa_backend="cudnn" if "cudnn" in flags else "flash" if "flash" in flags else "auto",
-                        num_processes=world_of(variant, gpus), fsdp="fsdp" in flags, resume_from_checkpoint=False)
+                        num_processes=world_of(variant, gpus), fsdp="fsdp" in flags,
+                  # with checkpoints, a re-run of the same variant and store resumes from the newest (a kill -9 test);
+                  # without, every run starts over
+                  resume_from_checkpoint="auto" if save_steps else False)
     for item in filter(None, overrides.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in TrainSection.model_fields:

@@ -119,6 +119,36 @@ def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artif
               tokenizer_artifact, dataset, Layout(tmp_path / "one"))
 
 
+def test_background_fsdp_checkpoints_resume_like_written_ones(tiny_model_dir, tokenizer_artifact, dataset, tmp_path,
+                                                               monkeypatch):
+    """async_checkpoint: shards written from a thread over a gloo group while training goes on, sealed (hashed,
+    renamed) once every rank is done; a run that fails mid-way resumes from a sealed one to DDP's losses."""
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    two = dict(num_processes=2, per_device_train_batch_size=2, save_steps=2)
+    ddp = train(model, settings(**two), tokenizer_artifact, dataset, Layout(tmp_path / "ddp"))
+    layout = Layout(tmp_path / "async")
+    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", "5")
+    with pytest.raises(TrainingError, match="injected failure after step 5"):
+        train(model, settings(fsdp=True, async_checkpoint=True, **two), tokenizer_artifact, dataset, layout)
+    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+    done = train(model, settings(fsdp=True, async_checkpoint=True, **two), tokenizer_artifact, dataset, layout)
+    # checkpoint-2 was sealed before checkpoint-4 started; checkpoint-4 too if its write ended by step 5's log line
+    assert done.stats["resumed_from"].rsplit("/", 1)[-1] in ("checkpoint-2", "checkpoint-4")
+    assert [r["current_steps"] for r in log_of(done)] == list(range(1, 7))
+    assert [r["loss"] for r in log_of(done)] == pytest.approx([r["loss"] for r in log_of(ddp)], abs=1e-5)
+    names = sorted(p.name for p in done.dir.iterdir() if "checkpoint" in p.name)
+    assert names[-1] == "checkpoint-6" and not [n for n in names if n.startswith(".tmp")]  # the last one sealed too
+    meta = json.loads((done.dir / "checkpoint-6" / "ptflow_checkpoint.json").read_text())
+    assert any(name.startswith("sharded/") for name in meta["files"])  # hashed like a written one
+
+
+def test_async_checkpoint_without_fsdp_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="async_checkpoint writes FSDP's sharded checkpoints"):
+        settings(async_checkpoint=True, num_processes=2)
+
+
 def test_fsdp_with_one_process_or_lora_is_refused():
     from pydantic import ValidationError
 

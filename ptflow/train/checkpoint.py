@@ -64,7 +64,6 @@ def temp_folder(folder: Path, step: int) -> Path:
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict, extra: dict,
                     sharded: bool = False) -> Path:
     """`sharded`: the ranks already wrote weights and optimizer into temp_folder(...)/sharded (FSDP)."""
-    final = folder / f"checkpoint-{step}"
     tmp = folder / f".tmp-checkpoint-{step}"
     if not sharded:
         tmp = temp_folder(folder, step)
@@ -72,12 +71,23 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, finger
     faults.point(f"checkpoint:writing-{step}")
     if not sharded:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    write_run_state(tmp, scheduler, extra)
+    return seal(folder, step, fingerprint, extra)
+
+
+def write_run_state(tmp: Path, scheduler, extra: dict) -> None:
+    """The schedule, RNG states and trainer state of the step being saved, into its temp folder."""
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng_state.pth")
     (tmp / "trainer_state.json").write_text(json.dumps(extra.get("trainer_state", {}), indent=2))
+
+
+def seal(folder: Path, step: int, fingerprint: dict, extra: dict) -> Path:
+    """Hash every file of the temp folder into the meta (written last), flush and rename it into place."""
+    final, tmp = folder / f"checkpoint-{step}", folder / f".tmp-checkpoint-{step}"
     written = sorted(f for f in tmp.rglob("*") if f.is_file())  # sharded/ holds every rank's shard files
     digests = sha256_files(written)
     files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": digests[f]} for f in written}

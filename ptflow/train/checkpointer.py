@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from functools import partial
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Checkpointer:
     def __init__(self, folder: Path, train: TrainSection, ranks: Ranks, fingerprint: dict):
         self.folder, self.train, self.ranks, self.fingerprint = folder, train, ranks, fingerprint
         self.running: dict = {}  # the running loss sums of the checkpoint resumed from
+        self.pending: tuple | None = None  # (step, future, extra, started) of a checkpoint written in the background
 
     def restore(self, net, optimizer, scheduler, streamed: bool) -> tuple[int, Path | None, Cursor | None]:
         """(start step, checkpoint resumed from, stream cursor) after loading the newest valid checkpoint into the
@@ -75,6 +77,9 @@ class Checkpointer:
         adds the schedule, RNG and metadata and renames the folder into place.
         """
         ranks, sharded = self.ranks, self.ranks.sharded
+        if sharded and self.train.async_checkpoint:
+            self.start_background(step, net, optimizer, scheduler, extra)
+            return None
         if sharded:
             if ranks.is_main:
                 ckpt.temp_folder(self.folder, step)
@@ -88,4 +93,46 @@ class Checkpointer:
             ckpt.rotate(self.folder, self.train.save_total_limit)
             publish_checkpoints(self.folder, self.train.save_total_limit)  # an object store: upload it now
         ranks.barrier()  # nobody races ahead to a resume or deletion of a half-written folder
+        return saved
+
+    def start_background(self, step: int, net, optimizer, scheduler, extra: dict) -> None:
+        """Copy this step's shards to host memory and write them from a thread; training goes on meanwhile.
+
+        One checkpoint is in flight at a time (the previous one is sealed first, waiting for it if need be),
+        so host memory holds at most one staged copy of the shards. The schedule, RNG and trainer state of
+        this step are written now; hashing and the rename into place wait for every rank's write (`finish`).
+        """
+        ranks = self.ranks
+        self.finish(wait=True)
+        group = ranks.cpu_group() if ranks.world > 1 else None
+        if ranks.is_main:
+            ckpt.temp_folder(self.folder, step)
+        ranks.barrier()
+        started = time.perf_counter()
+        future = sharding.save_sharded(net, optimizer, self.folder / f".tmp-checkpoint-{step}" / ckpt.SHARDED,
+                                       background_group=group)
+        if ranks.is_main:
+            ckpt.write_run_state(self.folder / f".tmp-checkpoint-{step}", scheduler, extra)
+        self.pending = (step, future, extra, started)
+        log.info("train: checkpoint-%d copied to host memory in %.1f s, writing in the background", step,
+                 time.perf_counter() - started)
+
+    def finish(self, wait: bool) -> Path | None:
+        """Seal the checkpoint being written in the background (every rank calls it): at once with `wait`, else
+        only if every rank's write is already done. Returns its folder on rank 0 once sealed."""
+        if self.pending is None:
+            return None
+        step, future, extra, started = self.pending
+        if not wait and not self.ranks.all_true(future.done()):
+            return None
+        future.result()  # a failed write raises here, on the rank it failed on
+        self.pending = None
+        ranks, saved = self.ranks, None
+        ranks.barrier()
+        if ranks.is_main:
+            saved = ckpt.seal(self.folder, step, self.fingerprint, extra)
+            ckpt.rotate(self.folder, self.train.save_total_limit)
+            publish_checkpoints(self.folder, self.train.save_total_limit)
+            log.info("train: %s sealed, %.1f s after its step", saved.name, time.perf_counter() - started)
+        ranks.barrier()
         return saved

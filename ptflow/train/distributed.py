@@ -28,6 +28,9 @@ from ptflow.train import sharding
 
 # HF Trainer's ddp_timeout: a barrier waits while rank 0 hashes and renames a large checkpoint
 TIMEOUT = timedelta(seconds=1800)
+# DDP's all-reduce bucket when train.ddp_bucket_cap_mb is unset: fewer, larger all-reduces than PyTorch's 25 MB
+# (llama-1.1b on 2 H200s: 94.0% per-GPU efficiency at 100 MB, 94.4% at 400, 88.6% at 25)
+BUCKET_MB = 100
 
 
 def backend_for(device: torch.device) -> str:
@@ -107,6 +110,21 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (a collective, and a device sync: for occasional decisions)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def cpu_group(self):
+        """A gloo group over the same ranks, for collectives from a background thread (DCP's async save) that must
+        not interleave with training's NCCL ones; created once, by every rank (a collective)."""
+        if getattr(self, "_cpu_group", None) is None:
+            self._cpu_group = dist.new_group(backend="gloo")
+        return self._cpu_group
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of `tensor` over every rank (a new tensor; the input is left as it is)."""
         if self.world == 1:
@@ -134,7 +152,7 @@ class Ranks:
         self.mode = "ddp"
         return DistributedDataParallel(net, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
                                        gradient_as_bucket_view=True, find_unused_parameters=False,
-                                       broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb)
+                                       broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb or BUCKET_MB)
 
     def unwrap(self, net: torch.nn.Module) -> torch.nn.Module:
         """The model itself (what is saved and evaluated): DDP's inner module; an FSDP2 model is its own."""

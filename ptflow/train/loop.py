@@ -278,6 +278,8 @@ class Training:
                     self.first_step_s = time.perf_counter() - self.launched
                     log.info("train: first step done %.1f s after the stage started", self.first_step_s)
                 record = self.log_line(done, progress)
+                if record is not None:  # a log step (the same on every rank): seal a background checkpoint if done
+                    self.checkpointer.finish(wait=False)
                 record = self.evaluate(done, record)
                 if record:
                     self.log.add(record)
@@ -285,6 +287,7 @@ class Training:
                     # the last step's too, as HF Trainer
                     self.save(done)
                 faults.point(f"train:step-{done}")
+            self.checkpointer.finish(wait=True)  # the last checkpoint, if still being written, before the export
         finally:
             prefetch.close()
             progress.close()
@@ -338,7 +341,7 @@ class Training:
         path = self.checkpointer.save(done, self.step.net, self.step.optimizer, self.step.scheduler, extra)
         took = time.perf_counter() - started
         self.window.opened += took  # as evaluation: writing a checkpoint is not training throughput
-        if path is not None:
+        if path is not None:  # None on other ranks, and for a checkpoint written in the background
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             log.info("train: %s saved, %.1f GB in %.1f s", path.name, size / 1e9, took)
 

@@ -50,16 +50,24 @@ def compile_layers(model) -> str:
     return "torch.compile (each decoder layer's forward, FSDP hooks eager)"
 
 
-def save_sharded(model, optimizer, folder: Path) -> None:
-    """Every rank writes its shards of the weights and optimizer state into `folder` (a collective)."""
-    from torch.distributed.checkpoint import FileSystemWriter, save
+def save_sharded(model, optimizer, folder: Path, background_group=None):
+    """Every rank writes its shards of the weights and optimizer state into `folder` (a collective).
+
+    With `background_group` (a gloo group: DCP coordinates a background save over CPU collectives, apart from
+    training's NCCL ones) the shards are copied to host memory and written by a thread; returns its future.
+    """
+    from torch.distributed.checkpoint import FileSystemWriter, async_save, save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     weights, optimizer_state = get_state_dict(model, optimizer)
     # several files per rank, written by parallel threads (and hashed in parallel afterwards): one ~60 GB file per
     # rank of a 10B model would be written and hashed by a single thread
-    save({"model": weights, "optimizer": optimizer_state}, storage_writer=FileSystemWriter(folder,
-                                                                                         thread_count=WRITE_THREADS))
+    writer = FileSystemWriter(folder, thread_count=WRITE_THREADS)
+    state = {"model": weights, "optimizer": optimizer_state}
+    if background_group is not None:
+        return async_save(state, storage_writer=writer, process_group=background_group)
+    save(state, storage_writer=writer)
+    return None
 
 
 def load_sharded(model, optimizer, folder: Path) -> None:

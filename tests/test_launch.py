@@ -113,10 +113,40 @@ def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artif
     for name, param in net.named_parameters():
         torch.testing.assert_close(param.detach(), replicated[name], atol=1e-5, rtol=0, msg=name)
     assert all(state["step"] == 3 for state in optimizer.state.values())
-    # the stage refuses to continue it on another number of processes, saying why
-    with pytest.raises(CheckpointError, match=r"world_size \(checkpoint 2, now 1\).*data cursor is a step of"):
+    # one process continues it when a step still holds the same blocks (1 x 4 x 2 = 2 x 2 x 2): DCP re-shards the
+    # state onto the plain model, and the last steps match DDP's; another number of blocks per step is refused
+    one = train(model, settings(num_processes=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                resume_from_checkpoint=str(checkpoint)), tokenizer_artifact, dataset,
+                Layout(tmp_path / "one"))
+    assert one.stats["resumed_from"].endswith("checkpoint-3")
+    assert [r["current_steps"] for r in log_of(one)] == [4, 5, 6]  # another folder: only the steps it ran
+    assert [r["loss"] for r in log_of(one)] == pytest.approx([r["loss"] for r in log_of(ddp)][3:], abs=2e-4)
+    with pytest.raises(CheckpointError, match=r"global_batch \(checkpoint 8, now 4\).*other batches"):
         train(model, settings(num_processes=1, per_device_train_batch_size=4, resume_from_checkpoint=str(checkpoint)),
-              tokenizer_artifact, dataset, Layout(tmp_path / "one"))
+              tokenizer_artifact, dataset, Layout(tmp_path / "four"))
+
+
+def test_a_run_stopped_on_two_processes_continues_on_one(tiny_model_dir, tokenizer_artifact, dataset, tmp_path,
+                                                        monkeypatch):
+    """Fewer GPUs on the re-run, the same blocks per step (2 x 2 -> 1 x 4): the new key's stage adopts the stopped
+    run's checkpoint by its fingerprint and ends where one process would have."""
+    model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
+    layout = Layout(tmp_path / "store")
+    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", "4")
+    with pytest.raises(TrainingError, match="injected failure after step 4"):
+        train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, dataset, layout)
+    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+    continued = train(model, settings(num_processes=1, per_device_train_batch_size=4), tokenizer_artifact, dataset,
+                      layout)
+    alone = train(model, settings(num_processes=1, per_device_train_batch_size=4), tokenizer_artifact, dataset,
+                  Layout(tmp_path / "alone"))
+    assert continued.stats["resumed_from"].endswith("checkpoint-3")
+    assert [r["current_steps"] for r in log_of(continued)] == list(range(1, 7))
+    assert [r["loss"] for r in log_of(continued)] == pytest.approx([r["loss"] for r in log_of(alone)], abs=2e-4)
+    with pytest.raises(CheckpointError, match="global_batch"):  # 1 x 2 blocks per step cannot continue 2 x 2
+        train(model, settings(num_processes=1, per_device_train_batch_size=2,
+                              resume_from_checkpoint=str(continued.dir / "checkpoint-3")),
+              tokenizer_artifact, dataset, Layout(tmp_path / "half"))
 
 
 def test_background_fsdp_checkpoints_resume_like_written_ones(tiny_model_dir, tokenizer_artifact, dataset, tmp_path,

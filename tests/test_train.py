@@ -88,8 +88,9 @@ def test_output_files_and_checkpoint_names(run_a):
     assert {p.name for p in (folder / "checkpoint-8").iterdir()} == CHECKPOINT_FILES
     meta = json.loads((folder / "checkpoint-8" / META).read_text())
     assert meta["step"] == 8 and meta["tokens_seen"] == 8 * 64
-    assert set(meta["fingerprint"]) == {"dataset", "tokenizer", "train_config", "world_size"}
-    assert meta["fingerprint"]["world_size"] == 1
+    assert set(meta["fingerprint"]) == {"dataset", "tokenizer", "train_config", "world_size", "train_schedule",
+                                        "global_batch"}
+    assert meta["fingerprint"]["world_size"] == 1 and meta["fingerprint"]["global_batch"] == 4
     log = read_log(folder)
     assert [r["current_steps"] for r in log] == list(range(1, STEPS + 1))
     for key in ("loss", "lr", "grad_norm", "epoch", "percentage", "tokens_per_s_per_device", "total_tokens"):

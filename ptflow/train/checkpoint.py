@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ptflow import faults
 from ptflow.errors import CheckpointError
-from ptflow.store.entries import sha256_files
+from ptflow.store.entries import sha256_files, sha256_json
 from ptflow.train import sharding
 
 log = logging.getLogger("ptflow.checkpoint")
@@ -37,9 +37,13 @@ log = logging.getLogger("ptflow.checkpoint")
 META = "ptflow_checkpoint.json"
 WEIGHTS = "trainable.safetensors"
 SHARDED = "sharded"  # FSDP: a torch.distributed.checkpoint folder (its .metadata is written last)
-WHY_WORLD = ("the data cursor is a step of per_device_train_batch_size x gradient_accumulation_steps x processes "
-             "blocks and the learning-rate schedule counts those steps, so another process count would train on "
-             "other batches than the run it continues; resume with the checkpoint's process count")
+# Train keys that only say how a step's blocks are split over processes, micro-batches and shards: a checkpoint
+# made with other values continues the same run as long as a step still holds as many blocks (`global_batch`).
+LAYOUT_KEYS = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps", "fsdp")
+WHY_BATCH = ("the data cursor counts steps of per_device_train_batch_size x gradient_accumulation_steps x processes "
+             "blocks and the learning-rate schedule counts those steps, so another number of blocks per step would "
+             "train on other batches than the run it continues; the process count may change as long as that "
+             "product stays the same")
 NAME = re.compile(r"^checkpoint-(\d+)$")
 FILES = (WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pth")
 
@@ -196,12 +200,38 @@ def adopt_checkpoints(folder: Path, fingerprint: dict) -> Path | None:
     return folder / source.name
 
 
+def fingerprint(config: dict, dataset_digest: str, tokenizer_digest: str, world: int) -> dict:
+    """What a checkpoint must share with the run that resumes it.
+
+    `train_config` and `world_size` name this exact run. `train_schedule` (the config without `LAYOUT_KEYS`) and
+    `global_batch` (blocks per optimizer step) name every run that trains the same steps on the same batches:
+    2 processes x micro-batch 4 continue 4 x 2 or 1 x 8, FSDP continues DDP (DCP re-shards the state).
+    """
+    train = {k: v for k, v in config["train"].items() if k not in LAYOUT_KEYS}
+    blocks = config["train"]["per_device_train_batch_size"] * config["train"]["gradient_accumulation_steps"] * world
+    return {"dataset": dataset_digest, "tokenizer": tokenizer_digest, "train_config": sha256_json(config)[:16],
+            "world_size": world, "train_schedule": sha256_json({**config, "train": train})[:16],
+            "global_batch": blocks}
+
+
+def mismatches(found: dict, expected: dict) -> list[str]:
+    """The fingerprint fields that keep a checkpoint from continuing this run (empty: it may)."""
+    exact = ("dataset", "tokenizer", "train_config", "world_size")
+    if all(found.get(k) == expected.get(k) for k in exact if k in expected):
+        return []
+    same_steps = ("dataset", "tokenizer", "train_schedule", "global_batch")
+    if "train_schedule" in found and all(found.get(k) == expected.get(k) for k in same_steps):
+        return []  # another split of the same steps (process count, micro-batch, accumulation, FSDP)
+    keys = same_steps if "train_schedule" in found and "train_schedule" in expected else exact
+    return [k for k in keys if found.get(k) != expected.get(k)]
+
+
 def _fingerprint_matches(path: Path, fingerprint: dict) -> bool:
     try:
         found = json.loads((path / META).read_text()).get("fingerprint", {})
     except (OSError, ValueError):
         return False
-    return all(found.get(k) == v for k, v in fingerprint.items())
+    return not mismatches(found, fingerprint)
 
 
 def check_fingerprint(path: Path, expected: dict) -> dict:
@@ -214,10 +244,10 @@ def check_fingerprint(path: Path, expected: dict) -> dict:
                               "rng_state.pth as written by ptflow)")
     meta = json.loads((path / META).read_text())
     found = meta.get("fingerprint", {})
-    changed = [f"{k} (checkpoint {str(found.get(k))[:16]}, now {str(v)[:16]})"
-               for k, v in expected.items() if found.get(k) != v]
+    changed = [f"{k} (checkpoint {str(found.get(k))[:16]}, now {str(expected.get(k))[:16]})"
+               for k in mismatches(found, expected)]
     if changed:
-        why = f" ({WHY_WORLD})" if found.get("world_size") != expected.get("world_size") else ""
+        why = f" ({WHY_BATCH})" if {"global_batch", "world_size"} & {c.split()[0] for c in changed} else ""
         raise CheckpointError(f"train.resume_from_checkpoint: {path} was made by a different run; changed: "
                               f"{', '.join(changed)}{why}. Set train.resume_from_checkpoint: false to start over.")
     return meta

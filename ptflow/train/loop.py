@@ -39,7 +39,6 @@ from ptflow.store.entries import (
     Artifact,
     DigestMemo,
     build_or_reuse,
-    sha256_json,
 )
 from ptflow.store.layout import Layout
 from ptflow.store.stage import Stage
@@ -59,6 +58,7 @@ from ptflow.train.build import (
     build_scheduler,
 )
 from ptflow.train.checkpoint import adopt_checkpoints
+from ptflow.train.checkpoint import fingerprint as run_fingerprint
 from ptflow.train.checkpoint_sync import pull_checkpoints
 from ptflow.train.checkpointer import Checkpointer
 from ptflow.train.compile_cache import compile_caches_in
@@ -125,11 +125,12 @@ def train(model: ModelSection, train: TrainSection, tokenizer: Artifact, dataset
     parts = parts or STAGE.key_parts(model, train, tokenizer, dataset, layout, seed)
 
     def build(folder: Path) -> dict:
-        fingerprint = {"dataset": dataset.digest, "tokenizer": tokenizer.digest,
-                       "train_config": sha256_json(parts["config"])[:16]}
-        pull_checkpoints(folder)  # an object store: its newest checkpoint, when another machine got further
-        adopt_checkpoints(folder, fingerprint)
         world = resolve_num_processes(train.num_processes, train.use_cpu)
+        fingerprint = run_fingerprint(parts["config"], dataset.digest, tokenizer.digest, world)
+        pull_checkpoints(folder)  # an object store: its newest checkpoint, when another machine got further
+        # this key's work folder has no checkpoint: one of the same run under another key (a version bump, or
+        # another split of the same steps over processes) continues here
+        adopt_checkpoints(folder, fingerprint)
         with compile_caches_in(layout.compile_cache()):
             if world > 1 and not os.environ.get("PTFLOW_LAUNCHED"):
                 spec = {**spec_for(folder, model, train, tokenizer, dataset, seed, fingerprint),
@@ -192,7 +193,7 @@ def run_training(folder: Path, model_section: ModelSection, train: TrainSection,
     log.info("train: model built in %.1f s", time.perf_counter() - built_at)
     optimizer = build_optimizer(ranks.unwrap(built.net), train, ranks.device, seed)
     scheduler = build_scheduler(optimizer, train, data.total_steps)
-    checkpointer = Checkpointer(folder, train, ranks, {**fingerprint, "world_size": ranks.world})
+    checkpointer = Checkpointer(folder, train, ranks, fingerprint)
     restore_at = time.perf_counter()
     start_step, resumed_from, cursor = checkpointer.restore(built.net, optimizer, scheduler, data.plan is not None)
     if resumed_from is not None:

@@ -32,7 +32,11 @@ def log_of(artifact) -> list[dict]:
     return [json.loads(line) for line in (artifact.dir / "trainer_log.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tokenizer_artifact, dataset, tmp_path):
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tokenizer_artifact, dataset, tmp_path,
+                                                            caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ptflow")
     model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
     relayed = []
     two = train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, dataset,
@@ -40,6 +44,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, toke
     one = train(model, settings(num_processes=1, per_device_train_batch_size=4), tokenizer_artifact, dataset,
                 Layout(tmp_path / "b"))
     assert [r["current_steps"] for r in relayed] == list(range(1, 7))  # rank 0's records reached the callback
+    # rank 0's own progress lines reach the launching process's loggers (the ones Prefect captures), once each
+    lines = [r.getMessage() for r in caplog.records if r.name == "ptflow.train" and r.getMessage().endswith("(rank 0)")]
+    assert sum("train: model built in" in line for line in lines) == 1
+    assert sum("train: checkpoint-3 saved" in line for line in lines) == 1
     ddp, single = [r["loss"] for r in log_of(two)], [r["loss"] for r in log_of(one)]
     assert ddp == pytest.approx(single, abs=2e-4)
     meta = json.loads((two.dir / "checkpoint-3" / "ptflow_checkpoint.json").read_text())

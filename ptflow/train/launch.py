@@ -27,6 +27,7 @@ from ptflow.train.metrics import fmt
 log = logging.getLogger("ptflow.train")
 
 SPEC, STATS, ERROR = ".launch-spec.json", ".launch-stats.json", ".launch-error.json"
+RANK_LOG = ".launch-rank0-log.jsonl"  # rank 0's progress lines (model built, resumed, checkpoint saved), relayed
 
 
 def device_count() -> int:
@@ -44,23 +45,26 @@ def launch_training(folder: Path, spec: dict, num_processes: int, on_log: Callab
     """Run `run_training` on `num_processes` ranks and return rank 0's stats."""
     spec_path = folder / SPEC
     spec_path.write_text(json.dumps(spec))
-    log_path, relayed = folder / "trainer_log.jsonl", 0
+    log_path, relayed, lines = folder / "trainer_log.jsonl", 0, 0
+    (folder / RANK_LOG).unlink(missing_ok=True)
     # Its own process group, ended as a whole (ranks included) when this stops or dies: see ptflow/child.py.
     process = child.start("torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
                           "-m", "ptflow.train.rank", str(spec_path), env={**os.environ, "PTFLOW_LAUNCHED": "1"})
     try:
         while process.poll() is None:
             time.sleep(1.0)
+            lines = _relay_lines(folder / RANK_LOG, lines)
             relayed = _relay(log_path, relayed, on_log)
     finally:
         child.end_group(process)
+    _relay_lines(folder / RANK_LOG, lines)
     _relay(log_path, relayed, on_log)
     try:
         if process.returncode != 0:
             raise _rank_error(folder, process.returncode)
         return json.loads((folder / STATS).read_text())
     finally:
-        for name in (SPEC, STATS, ERROR):
+        for name in (SPEC, STATS, ERROR, RANK_LOG):
             (folder / name).unlink(missing_ok=True)
 
 
@@ -78,6 +82,27 @@ def _relay(log_path: Path, already: int, on_log: Callable[[dict], None] | None) 
         if on_log is not None:
             on_log(record)
     return max(already, len(complete))
+
+
+def _relay_lines(path: Path, already: int) -> int:
+    """Re-log rank 0's log lines written since the last call under their own logger names, here in the process
+    Prefect watches (a rank's own logging reaches only torchrun's stderr); returns the count."""
+    if not path.exists():
+        return already
+    text = path.read_text()
+    lines = text.splitlines()
+    complete = lines if text.endswith("\n") else lines[:-1]
+    for line in complete[already:]:
+        entry = json.loads(line)
+        logging.getLogger(entry["name"]).log(entry["level"], "%s (rank 0)", entry["message"])
+    return max(already, len(complete))
+
+
+class RankLogFormatter(logging.Formatter):
+    """One JSON line per record: what `_relay_lines` reads back in the launching process."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"name": record.name, "level": record.levelno, "message": record.getMessage()})
 
 
 def _rank_error(folder: Path, returncode: int) -> PtflowError:

@@ -125,10 +125,13 @@ class Checkpointer:
         step, future, extra, started = self.pending
         if not wait and not self.ranks.all_true(future.done()):
             return None
-        future.result()  # a failed write raises here, on the rank it failed on
+        failed = future.exception()  # waits for this rank's write
         self.pending = None
         ranks, saved = self.ranks, None
-        ranks.barrier()
+        if not ranks.all_true(failed is None):  # every rank stops together, none waits at a barrier for ever
+            raise CheckpointError(f"train: writing checkpoint-{step} in the background failed"
+                                  f"{f' on this rank: {failed}' if failed else ' on another rank'}; the previous "
+                                  f"checkpoint in {self.folder} is kept") from failed
         if ranks.is_main:
             saved = ckpt.seal(self.folder, step, self.fingerprint, extra)
             ckpt.rotate(self.folder, self.train.save_total_limit)

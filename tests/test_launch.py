@@ -32,6 +32,14 @@ def log_of(artifact) -> list[dict]:
     return [json.loads(line) for line in (artifact.dir / "trainer_log.jsonl").read_text().splitlines()]
 
 
+def stopped_after(step: int, monkeypatch, *args) -> None:
+    """`train(*args)` fails on purpose after `step` (its checkpoints stay for the re-run); later runs do not."""
+    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", str(step))
+    with pytest.raises(TrainingError, match=f"injected failure after step {step}"):
+        train(*args)
+    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tokenizer_artifact, dataset, tmp_path,
                                                             caplog):
     import logging
@@ -93,10 +101,7 @@ def test_fsdp_matches_ddp_and_saves_full_weights(tiny_model_dir, tokenizer_artif
     two = dict(num_processes=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     ddp = train(model, settings(**two), tokenizer_artifact, dataset, Layout(tmp_path / "ddp"))
     layout = Layout(tmp_path / "fsdp")
-    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", "4")
-    with pytest.raises(TrainingError, match="injected failure after step 4"):
-        train(model, settings(fsdp=True, **two), tokenizer_artifact, dataset, layout)
-    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+    stopped_after(4, monkeypatch, model, settings(fsdp=True, **two), tokenizer_artifact, dataset, layout)
     fsdp = train(model, settings(fsdp=True, **two), tokenizer_artifact, dataset, layout)
     assert fsdp.stats["resumed_from"].endswith("checkpoint-3")
     assert "FSDP over 2 processes" in fsdp.stats["speedups"]
@@ -140,10 +145,8 @@ def test_a_run_stopped_on_two_processes_continues_on_one(tiny_model_dir, tokeniz
     run's checkpoint by its fingerprint and ends where one process would have."""
     model = ModelSection(model_name_or_path=str(tiny_model_dir), train_from_scratch=True)
     layout = Layout(tmp_path / "store")
-    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", "4")
-    with pytest.raises(TrainingError, match="injected failure after step 4"):
-        train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, dataset, layout)
-    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+    stopped_after(4, monkeypatch, model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact,
+                  dataset, layout)
     continued = train(model, settings(num_processes=1, per_device_train_batch_size=4), tokenizer_artifact, dataset,
                       layout)
     alone = train(model, settings(num_processes=1, per_device_train_batch_size=4), tokenizer_artifact, dataset,
@@ -165,10 +168,8 @@ def test_background_fsdp_checkpoints_resume_like_written_ones(tiny_model_dir, to
     two = dict(num_processes=2, per_device_train_batch_size=2, save_steps=2)
     ddp = train(model, settings(**two), tokenizer_artifact, dataset, Layout(tmp_path / "ddp"))
     layout = Layout(tmp_path / "async")
-    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", "5")
-    with pytest.raises(TrainingError, match="injected failure after step 5"):
-        train(model, settings(fsdp=True, async_checkpoint=True, **two), tokenizer_artifact, dataset, layout)
-    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+    stopped_after(5, monkeypatch, model, settings(fsdp=True, async_checkpoint=True, **two), tokenizer_artifact,
+                  dataset, layout)
     done = train(model, settings(fsdp=True, async_checkpoint=True, **two), tokenizer_artifact, dataset, layout)
     # checkpoint-2 was sealed before checkpoint-4 started; checkpoint-4 too if its write ended by step 5's log line
     assert done.stats["resumed_from"].rsplit("/", 1)[-1] in ("checkpoint-2", "checkpoint-4")
@@ -224,10 +225,8 @@ def test_a_stream_trains_the_same_on_two_processes(tiny_model_dir, tokenizer_art
     assert not Layout.node_tokens(Layout(tmp_path / "a").work("train", two.key)).exists()  # cleaned up
 
     layout = Layout(tmp_path / "c")  # killed after step 4: resumes from checkpoint-3's cursor, same losses
-    monkeypatch.setenv("PTFLOW_TEST_FAIL_AFTER_STEP", "4")
-    with pytest.raises(TrainingError, match="injected failure after step 4"):
-        train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, streamed, layout)
-    monkeypatch.delenv("PTFLOW_TEST_FAIL_AFTER_STEP")
+    stopped_after(4, monkeypatch, model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact,
+                  streamed, layout)
     resumed = train(model, settings(num_processes=2, per_device_train_batch_size=2), tokenizer_artifact, streamed,
                     layout)
     assert resumed.stats["resumed_from"].endswith("checkpoint-3")

@@ -81,10 +81,7 @@ class Checkpointer:
             self.start_background(step, net, optimizer, scheduler, extra)
             return None
         if sharded:
-            if ranks.is_main:
-                ckpt.temp_folder(self.folder, step)
-            ranks.barrier()
-            sharding.save_sharded(net, optimizer, self.folder / f".tmp-checkpoint-{step}" / ckpt.SHARDED)
+            self._write_shards(step, net, optimizer)
         ranks.barrier()
         saved = None
         if ranks.is_main:
@@ -95,6 +92,14 @@ class Checkpointer:
         ranks.barrier()  # nobody races ahead to a resume or deletion of a half-written folder
         return saved
 
+    def _write_shards(self, step: int, net, optimizer, background_group=None):
+        """Every rank's shards into checkpoint-<step>'s emptied temp folder (`sharding.save_sharded`)."""
+        if self.ranks.is_main:
+            ckpt.temp_folder(self.folder, step)
+        self.ranks.barrier()
+        return sharding.save_sharded(net, optimizer, self.folder / f".tmp-checkpoint-{step}" / ckpt.SHARDED,
+                                     background_group=background_group)
+
     def start_background(self, step: int, net, optimizer, scheduler, extra: dict) -> None:
         """Copy this step's shards to host memory and write them from a thread; training goes on meanwhile.
 
@@ -104,13 +109,8 @@ class Checkpointer:
         """
         ranks = self.ranks
         self.finish(wait=True)
-        group = ranks.cpu_group() if ranks.world > 1 else None
-        if ranks.is_main:
-            ckpt.temp_folder(self.folder, step)
-        ranks.barrier()
         started = time.perf_counter()
-        future = sharding.save_sharded(net, optimizer, self.folder / f".tmp-checkpoint-{step}" / ckpt.SHARDED,
-                                       background_group=group)
+        future = self._write_shards(step, net, optimizer, background_group=ranks.cpu_group())
         if ranks.is_main:
             ckpt.write_run_state(self.folder / f".tmp-checkpoint-{step}", scheduler, extra)
         self.pending = (step, future, extra, started)

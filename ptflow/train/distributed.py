@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -66,6 +66,7 @@ class Ranks:
     local_rank: int = 0
     owns_group: bool = False  # this object created the group, so `close` ends it
     mode: str = "single"  # set by `wrap`: "single" (one process), "ddp" or "fsdp"
+    _cpu_group: object = field(default=None, init=False, repr=False)  # `cpu_group`, made on first use
 
     @classmethod
     def open(cls, cpu: bool) -> Ranks:
@@ -121,7 +122,7 @@ class Ranks:
     def cpu_group(self):
         """A gloo group over the same ranks, for collectives from a background thread (DCP's async save) that must
         not interleave with training's NCCL ones; created once, by every rank (a collective)."""
-        if getattr(self, "_cpu_group", None) is None:
+        if self._cpu_group is None:
             self._cpu_group = dist.new_group(backend="gloo")
         return self._cpu_group
 

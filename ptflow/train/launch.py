@@ -68,34 +68,35 @@ def launch_training(folder: Path, spec: dict, num_processes: int, on_log: Callab
             (folder / name).unlink(missing_ok=True)
 
 
+def _new_json_lines(path: Path, already: int) -> tuple[list[dict], int]:
+    """The JSON lines rank 0 has completed in `path` after the first `already`, and the new count (a line still
+    being written waits for the next call)."""
+    if not path.exists():
+        return [], already
+    text = path.read_text()
+    lines = text.splitlines()
+    complete = lines if text.endswith("\n") else lines[:-1]
+    return [json.loads(line) for line in complete[already:]], max(already, len(complete))
+
+
 def _relay(log_path: Path, already: int, on_log: Callable[[dict], None] | None) -> int:
     """Log rank 0's trainer_log.jsonl records written since the last call, here in the launching process (the one
     Prefect watches, so the lines reach the run's logs and the UI), and pass them to `on_log`; returns the count."""
-    if not log_path.exists():
-        return already
-    text = log_path.read_text()
-    lines = text.splitlines()
-    complete = lines if text.endswith("\n") else lines[:-1]  # a line still being written waits for the next call
-    for line in complete[already:]:
-        record = json.loads(line)
+    records, count = _new_json_lines(log_path, already)
+    for record in records:
         log.info("train: %s (rank 0)", fmt(record))
         if on_log is not None:
             on_log(record)
-    return max(already, len(complete))
+    return count
 
 
 def _relay_lines(path: Path, already: int) -> int:
     """Re-log rank 0's log lines written since the last call under their own logger names, here in the process
     Prefect watches (a rank's own logging reaches only torchrun's stderr); returns the count."""
-    if not path.exists():
-        return already
-    text = path.read_text()
-    lines = text.splitlines()
-    complete = lines if text.endswith("\n") else lines[:-1]
-    for line in complete[already:]:
-        entry = json.loads(line)
+    entries, count = _new_json_lines(path, already)
+    for entry in entries:
         logging.getLogger(entry["name"]).log(entry["level"], "%s (rank 0)", entry["message"])
-    return max(already, len(complete))
+    return count
 
 
 class RankLogFormatter(logging.Formatter):

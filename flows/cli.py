@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ptflow
+from ptflow import interrupt
 from ptflow.errors import PtflowError
 
 QUIET_PREFECT = {
@@ -42,10 +42,6 @@ QUIET_PREFECT = {
     # Prefect waits 20 s for its embedded server; a first start (database migrations) on a busy machine needs more.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM, raised where the run is so that it unwinds as a Ctrl-C does (final states, children ended)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,20 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break the shutdown that follows
-            signal.signal(sig, signal.SIG_IGN)
+        interrupt.ignore_more()
         how = f"; resume with: {resume_command(args)}" if args.command == "run" else ""
-        print(f"\nptflow: stopped by {'SIGTERM' if isinstance(exc, Stopped) else 'Ctrl-C'}{how} "
+        print(f"\nptflow: stopped by {'SIGTERM' if isinstance(exc, interrupt.Stopped) else 'Ctrl-C'}{how} "
               "(finished stages are reused, training continues from its newest checkpoint)", file=sys.stderr)
-        return 143 if isinstance(exc, Stopped) else 130
+        return 143 if isinstance(exc, interrupt.Stopped) else 130
 
 
 def resume_command(args: argparse.Namespace) -> str:
     return shlex.join(["ptflow", "run", args.config, *args.overrides])
-
-
-def _stop(signum, frame) -> None:
-    raise Stopped()
 
 
 def add_cache_parser(sub) -> None:
@@ -176,7 +167,7 @@ def run(config: str, overrides: list[str]) -> int:
     from flows.pretrain import pretrain
 
     keep_bars_apart()
-    signal.signal(signal.SIGTERM, _stop)
+    interrupt.install()
     started = time.perf_counter()
     with recorded_run(cfg, config, overrides) as record:
         start_embedded_server()

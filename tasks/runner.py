@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from ptflow import interrupt
 from ptflow.stages import STAGES
 from ptflow.store.entries import Artifact
 from ptflow.store.layout import Layout
@@ -28,6 +29,7 @@ def run_planned(stage_task, planned: Planned, layout: Layout, redo: Collection[s
     The store is the only cache: the task gets the key components already computed and finds
     (or builds) its entry by them. A forced stage loses its store entry (and checkpoints) first.
     """
+    interrupt.check()
     verdict = predict(layout, planned)
     forced = verdict.stage in redo
     if forced:

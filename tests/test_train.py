@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_assets import Interrupted, stop_at
 
+from ptflow import interrupt
 from ptflow.config.schema import DataSection, ModelSection, TrainSection
 from ptflow.data.dataset import prepare_dataset
 from ptflow.errors import CheckpointError, DataError, TrainingError
@@ -172,6 +173,19 @@ def test_interrupted_run_resumes_from_the_newest_checkpoint_exactly(run_a, scrat
     assert resumed.stats["resumed_from"] == str(work / "checkpoint-8")
     assert children(layout) == [key]
     assert_same_run(resumed.dir, run_a.dir)
+
+
+def test_a_stop_request_whose_interrupt_was_lost_stops_training_after_that_step(run_a, scratch, tokenizer_artifact,
+                                                                                dataset, layout, monkeypatch):
+    def lost_ctrl_c(record: dict) -> None:  # the handler ran, its KeyboardInterrupt died in a finalizer
+        if record.get("current_steps") == 5:
+            monkeypatch.setattr(interrupt, "_requested", KeyboardInterrupt)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(scratch, settings(), tokenizer_artifact, dataset, layout, on_log=lost_ctrl_c)
+    work = layout.work("train", run_a.key)
+    assert [r["current_steps"] for r in read_log(work)] == list(range(1, 6))
+    assert sorted(p.name for p in work.iterdir() if p.is_dir()) == ["checkpoint-4"]
 
 
 def test_torn_checkpoint_is_skipped_for_the_previous_one(run_a, scratch, tokenizer_artifact, dataset, layout):

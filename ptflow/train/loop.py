@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ptflow import faults
+from ptflow import faults, interrupt
 from ptflow.config.schema import ModelSection, TrainSection
 from ptflow.data.dataset import open_blocks, open_doc_starts
 from ptflow.data.node_tokens import NodeTokens
@@ -288,6 +288,7 @@ class Training:
                     # the last step's too, as HF Trainer
                     self.save(done)
                 faults.point(f"train:step-{done}")
+                interrupt.check()  # a Ctrl-C that a finalizer swallowed stops the run here
             self.checkpointer.finish(wait=True)  # the last checkpoint, if still being written, before the export
         finally:
             prefetch.close()

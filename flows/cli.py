@@ -163,14 +163,17 @@ def run(config: str, overrides: list[str]) -> int:
     cfg = load_config(config, overrides)
     preflight(cfg, config)  # fail before Prefect starts
     from flows.console import keep_bars_apart
-    from flows.embedded import start_embedded_server
     from flows.pretrain import pretrain
+    from tasks.slots import is_embedded
 
     keep_bars_apart()
     interrupt.install()
     started = time.perf_counter()
     with recorded_run(cfg, config, overrides) as record:
-        start_embedded_server()
+        if is_embedded():  # importing it imports Prefect's whole server (3 s), which a real server's runs never need
+            from flows.embedded import start_embedded_server
+
+            start_embedded_server()
         summary = pretrain(config_path=config, overrides=list(overrides))
         record["summary"] = summary
     elapsed = time.perf_counter() - started

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -26,11 +30,29 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+def cli_env(tmp_path: Path, first_start: bool = False, **extra: str) -> dict[str, str]:
+    """The CLI's environment: its own store and PREFECT_HOME. Without PREFECT_API_URL the CLI starts Prefect's
+    embedded server on PREFECT_HOME's SQLite database, which gets a copy of an already migrated one unless the
+    test is about a user's `first_start` (the migrations take ~25 s of every such run on a 2-core machine)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PTFLOW_"))}
     env.update(PTFLOW_HOME=str(tmp_path / "store"), PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1", **extra)
+    if "PREFECT_API_URL" not in extra and not first_start:
+        (tmp_path / "prefect").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(migrated_prefect_db(), tmp_path / "prefect" / "prefect.db")
     return env
+
+
+@functools.cache
+def migrated_prefect_db() -> Path:
+    """A SQLite database with every Prefect migration applied (`prefect server database upgrade`), made once."""
+    home = Path(tempfile.mkdtemp(prefix="ptflow-test-prefect-db-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                          env={**env, "PREFECT_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and (home / "prefect.db").is_file(), done.stdout[-2000:] + done.stderr[-2000:]
+    return home / "prefect.db"
 
 
 def run_cli(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""kill -9 of `ptflow run` at each stage, then a re-run: finished work is reused, nothing torn is loaded.
+"""kill -9 of `ptflow run` in each stage, then a re-run: finished work is reused, nothing torn is loaded.
 
 The CLI runs against one real Prefect server (PostgreSQL) so each run starts in seconds.
 Kill points are `PTFLOW_KILL_AT` hooks (ptflow/faults.py) that SIGKILL the process there.
@@ -26,15 +26,7 @@ SMALL = ["train.max_steps=12", "train.save_steps=5", "train.eval_steps=6", "trai
          "data.cutoff_len=128", "data.val_size=8"]  # 8 held-out documents (streamed: the first 8 blocks)
 FAST = [*SMALL, "run_name=faults"]
 STREAMED = [*SMALL, "data.streaming=true", "run_name=faults-streamed"]
-POINTS = {  # kill point -> (stage it interrupts, checkpoint the re-run must resume from)
-    "load_tokenizer:built": ("load_tokenizer", None),
-    "prepare_dataset:built": ("prepare_dataset", None),
-    "train:step-8": ("train", "checkpoint-5"),
-    "checkpoint:writing-10": ("train", "checkpoint-5"),
-    "evaluate:built": ("evaluate", None),
-    "plot_loss:built": ("plot_loss", None),
-    "write_model_card:built": ("write_model_card", None),
-}
+BUILT = ["load_tokenizer", "prepare_dataset", "evaluate", "plot_loss", "write_model_card"]  # killed at <stage>:built
 IN_TRAINING = {  # test -> (kill point, overrides): the kills that leave a lineage slot taken
     "train:step-8": ("train:step-8", [*SMALL, "run_name=faults-step-8"]),
     "checkpoint:writing-10": ("checkpoint:writing-10", [*SMALL, "run_name=faults-writing-10"]),
@@ -67,38 +59,67 @@ def finished(store: Path, stage: str) -> list[Path]:
     return [p for p in folder.iterdir() if (p / MANIFEST).exists()] if folder.is_dir() else []
 
 
-@pytest.mark.parametrize("point", list(POINTS))
-def test_kill_then_rerun_redoes_only_the_interrupted_stage(point, prefect_server, tmp_path, request):
-    stage, resume_from = POINTS[point]
-    if point in IN_TRAINING:
-        env, store, args = request.getfixturevalue("killed_in_training")[point]
-    else:
-        env, store, args = kill_run(prefect_server, tmp_path, point, FAST)
-    assert finished(store, stage) == []  # the interrupted write left no entry that could be taken for finished
-    before = {s: [p.name for p in finished(store, s)] for s in STAGES}
+def entries(store: Path) -> dict[str, tuple[str, int, int]]:
+    """Each stage's finished entry as (folder name, inode, manifest mtime in ns): a rebuilt entry is a new folder
+    with a new manifest, renamed into place under the same name."""
+    found = {s: [(p.name, p.stat().st_ino, (p / MANIFEST).stat().st_mtime_ns) for p in finished(store, s)]
+             for s in STAGES}
+    assert all(len(names) <= 1 for names in found.values()), found
+    return {s: names[0] for s, names in found.items() if names}
 
+
+def rerun_summary(env: dict, args: list[str]) -> dict[str, dict]:
     rerun = run_cli(env, "run", "configs/quickstart.yaml", *args, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    rows = {row["stage"]: row for row in json.loads(Path(env["PTFLOW_SUMMARY_JSON"]).read_text())["stages"]}
-    done_before = STAGES[:STAGES.index(stage)]
-    assert {s: rows[s]["cache"] for s in done_before} == {s: "hit" for s in done_before}
-    assert rows[stage]["cache"] == "miss"
-    for s in done_before:
-        assert [Path(rows[s]["path"]).name] == before[s]
-    train_stats = read_manifest(Path(rows["train"]["path"]))["stats"]
-    if resume_from:
-        assert train_stats["resumed_from"].endswith(resume_from)
+    return {row["stage"]: row for row in json.loads(Path(env["PTFLOW_SUMMARY_JSON"]).read_text())["stages"]}
+
+
+def assert_intact(store: Path) -> None:
     for s in STAGES:  # every stored artifact is intact by its manifest's digests
         for folder in finished(store, s):
             assert check_files(folder, read_manifest(folder)) is None, folder
 
 
+def test_a_kill_at_each_stage_then_reruns_redo_only_the_interrupted_stage(prefect_server, tmp_path):
+    """One store, killed after writing each stage's files (before its manifest) in turn: every re-run finishes the
+    stage the previous run was killed in, is killed in the next, and never rebuilds an entry already finished."""
+    env = cli_env(tmp_path, PREFECT_API_URL=prefect_server, PTFLOW_SUMMARY_JSON=str(tmp_path / "summary.json"))
+    store, before = tmp_path / "store", {}
+    for stage in BUILT:
+        killed = run_cli({**env, "PTFLOW_KILL_AT": f"{stage}:built"}, "run", "configs/quickstart.yaml", *FAST,
+                         timeout=300)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert finished(store, stage) == []  # the interrupted write left no entry that could be taken for finished
+        now = entries(store)
+        assert set(now) == set(STAGES[:STAGES.index(stage)]), now  # every stage before it, finished once
+        assert {s: now[s] for s in before} == before  # none finished earlier was rebuilt
+        before = now
+    rows = rerun_summary(env, FAST)
+    assert {s: rows[s]["cache"] for s in STAGES} == {**{s: "hit" for s in STAGES[:-1]}, "write_model_card": "miss"}
+    after = entries(store)
+    assert set(after) == set(STAGES) and {s: after[s] for s in before} == before
+    assert_intact(store)
+
+
+@pytest.mark.parametrize("point", ["train:step-8", "checkpoint:writing-10"])
+def test_a_kill_in_training_then_a_rerun_resumes_from_the_last_whole_checkpoint(point, killed_in_training):
+    env, store, args = killed_in_training[point]
+    assert finished(store, "train") == []
+    before = entries(store)
+    assert set(before) == {"load_tokenizer", "prepare_dataset"}
+    rows = rerun_summary(env, args)
+    assert rows["load_tokenizer"]["cache"] == rows["prepare_dataset"]["cache"] == "hit"
+    assert rows["train"]["cache"] == "miss"
+    assert {s: entries(store)[s] for s in before} == before
+    stats = read_manifest(Path(rows["train"]["path"]))["stats"]
+    assert stats["resumed_from"].endswith("checkpoint-5")  # step 8's kill, and checkpoint-10's torn write
+    assert_intact(store)
+
+
 def test_kill_during_streamed_training_resumes_from_the_data_cursor(killed_in_training):
     """A streamed run killed between checkpoints continues from the cursor saved at the last one."""
     env, _, streamed = killed_in_training["streamed"]
-    rerun = run_cli(env, "run", "configs/quickstart.yaml", *streamed, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    rows = {row["stage"]: row for row in json.loads(Path(env["PTFLOW_SUMMARY_JSON"]).read_text())["stages"]}
+    rows = rerun_summary(env, streamed)
     assert rows["prepare_dataset"]["cache"] == "hit" and rows["train"]["cache"] == "miss"
     folder = Path(rows["train"]["path"])
     stats = read_manifest(folder)["stats"]

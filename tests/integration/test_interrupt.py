@@ -6,7 +6,8 @@ checks what the user sees and what is left: the exit within 15 s with one resume
 traceback, no process of the run still alive (Prefect's embedded server included: every child
 inherits the test's PTFLOW_HOME, so a scan of /proc/*/environ finds them), the flow and task runs
 in final states and the lineage slot free in Prefect's database. The same command then resumes
-training from the newest checkpoint at once, with the losses the interrupted run logged.
+training from the newest checkpoint at once, with the losses the interrupted run logged (after
+Ctrl-C and kill -9; SIGTERM unwinds through the same path as Ctrl-C, so its re-run is not repeated).
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def test_signal_stops_the_run_in_seconds_and_the_same_command_resumes(how, tmp_p
     seen = logged_losses(work_folder(store))
     newest = max((p.name for p in work_folder(store).glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
     assert int(newest.split("-")[1]) >= 4 and max(seen) >= 6
+    if how == "SIGTERM":  # it unwinds as Ctrl-C does (above); the resume after it is SIGINT's to show
+        return
     output = rerun_resumes(env, tmp_path, seen, newest)
     assert "released ptflow-train-interrupt" not in output  # the stopped run gave its slot back itself
 

@@ -12,7 +12,7 @@ FAST = ["train.max_steps=20", "train.save_steps=10", "train.eval_steps=10", "dat
 
 
 def test_quickstart_runs_end_to_end_then_reuses_everything(tmp_path):
-    env = cli_env(tmp_path, PTFLOW_SUMMARY_JSON=str(tmp_path / "summary.json"))
+    env = cli_env(tmp_path, first_start=True, PTFLOW_SUMMARY_JSON=str(tmp_path / "summary.json"))  # a new user
     first = run_cli(env, "run", "configs/quickstart.yaml", *FAST)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -245,6 +245,7 @@ def test_model_card_body_has_provenance_and_no_secrets(card, dataset, tokenizer_
     for digest in (dataset.digest, tokenizer_artifact.digest, trained.digest):
         assert f"`{digest}`" in text
     assert "| prefect flow run | pretrain/brave-fox (1234) |" in text
+    assert f"| torch | {torch.__version__.split('+')[0]}" in text and "| accelerate |" not in text  # what ran
     assert "![training loss](training_loss.png)" in text
     public = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])
     assert "store" not in public and "output_dir" not in public["output"]

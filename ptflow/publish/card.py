@@ -29,7 +29,7 @@ from ptflow.store.stage import Stage
 log = logging.getLogger("ptflow.card")
 
 SECRET = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
-FRAMEWORKS = ("torch", "transformers", "accelerate", "peft", "datasets", "prefect")
+FRAMEWORKS = ("torch", "transformers", "peft", "datasets", "prefect")  # what a run uses (DDP and FSDP are plain torch)
 
 
 def redact(obj):

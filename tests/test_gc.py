@@ -57,6 +57,26 @@ def test_gc_dry_run_lists_a_stale_temp_folder_and_gc_removes_it(tmp_path, capsys
     assert build_or_reuse(layout, STAGE, components(1), build("kept")).hit
 
 
+def test_gc_sweeps_the_json_temp_files_a_kill_left_once_they_are_stale(tmp_path):
+    """kill -9 inside write_json_atomic (between the write and the rename) leaves `.<name>.<pid>.tmp`."""
+    layout = Layout(tmp_path / "store")
+    build_or_reuse(layout, STAGE, components(1), build("kept"))
+    memo = DigestMemo(layout).path
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    left = [memo.with_name(f".{memo.name}.4242.tmp"), layout.stage_index(STAGE).with_name(".index.json.4242.tmp")]
+    fresh = layout.stage_dir(STAGE) / ".index.json.4343.tmp"  # a write that may be happening now
+    for path in (*left, fresh):
+        path.write_text("{")
+    for path in left:
+        age(path, 2 * HOUR)
+    swept = {p: why for p, why in gc.collect(layout, dry_run=True) if not p.name.endswith(".lock")}
+    assert swept == {p: "temp file left by an interrupted write (120 min old)" for p in left}
+    assert all(p.exists() for p in left)
+    assert sorted(p for p, _ in gc.collect(layout) if not p.name.endswith(".lock")) == sorted(left)
+    assert not any(p.exists() for p in left) and fresh.exists()
+    assert build_or_reuse(layout, STAGE, components(1), build("kept")).hit
+
+
 def test_gc_keeps_a_temp_folder_whose_key_is_locked(tmp_path):
     layout = Layout(tmp_path / "store")
     key = "ab" * 16

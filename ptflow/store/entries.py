@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import time
@@ -138,6 +139,9 @@ class DigestMemo:
                 log.warning("could not save %s (%s); input digests will be recomputed next run", self.path,
                             getattr(exc, "strerror", None) or exc)
             self.dirty = False
+
+
+JSON_TMP = re.compile(r"^\..+\.\d+\.tmp$")  # write_json_atomic's temp file, `.<name>.<pid>.tmp` (swept by gc)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -1,8 +1,8 @@
 """Store hygiene: list the entries, sweep what crashes leave, and re-hash everything on request.
 
     ptflow cache list                              entries: stage, key, size, last use, the runs that use them
-    ptflow cache gc [--dry-run] [--older-than D]   stale temp folders and streamed-token folders, finished keys'
-                                                   work folders, idle lock files; with --older-than, entries no
+    ptflow cache gc [--dry-run] [--older-than D]   stale temp folders and files and streamed-token folders, finished
+                                                   keys' work folders, idle lock files; with --older-than, entries no
                                                    run uses, idle D days
     ptflow cache verify [--dry-run]                re-hash every entry and every memoised input file
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ptflow.store import sync
 from ptflow.store.entries import (
+    JSON_TMP,
     DigestMemo,
     file_problems,
     identity_problem,
@@ -114,7 +115,23 @@ def collect(layout: Layout, dry_run: bool = False, older_than_days: float | None
     for stage, path, why in doomed:
         if dry_run or _remove_unlocked(layout, stage, path):
             removed.append((path, why))
+    for path, why in _stray_temp_files(layout, now, stale_tmp_s):
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        removed.append((path, why))
     return removed + collect_remote(layout, dry_run, older_than_days, stale_tmp_s, now)
+
+
+def _stray_temp_files(layout: Layout, now: float, stale_tmp_s: float) -> list[tuple[Path, str]]:
+    """`write_json_atomic`'s `.<name>.<pid>.tmp` files (the input-digest memo, a stage's index) that a kill -9
+    between writing and renaming left; no lock guards them, and a write takes milliseconds, so age alone tells."""
+    folders = [layout.root / "cache", *(layout.stage_dir(stage) for stage in layout.stages())]
+    found = []
+    for folder in folders:
+        for path in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+            if JSON_TMP.match(path.name) and path.is_file() and now - path.stat().st_mtime > stale_tmp_s:
+                found.append((path, f"temp file left by an interrupted write ({_age(now - path.stat().st_mtime)} old)"))
+    return found
 
 
 def collect_remote(layout: Layout, dry_run: bool, older_than_days: float | None, stale_tmp_s: float,

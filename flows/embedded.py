@@ -19,7 +19,6 @@ from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
 
 from ptflow import child
-from tasks.slots import is_embedded
 
 
 class _ServerInOwnSession(SubprocessASGIServer):
@@ -40,13 +39,11 @@ class _ServerInOwnSession(SubprocessASGIServer):
         super().stop()
 
 
-def start_embedded_server() -> SubprocessASGIServer | None:
-    """Start the temporary server now (Prefect then uses this one); None when a real server is configured.
+def start_embedded_server() -> SubprocessASGIServer:
+    """Start the temporary server now (Prefect then uses this one); only in embedded mode (`tasks.slots.is_embedded`).
 
     Prefect stops it at interpreter exit, after its log and event workers have drained.
     """
-    if not is_embedded():
-        return None
     server = _ServerInOwnSession()  # registers itself as Prefect's instance for the default port
     server.start()
     return server

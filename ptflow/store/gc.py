@@ -127,10 +127,11 @@ def _stray_temp_files(layout: Layout, now: float, stale_tmp_s: float) -> list[tu
     between writing and renaming left; no lock guards them, and a write takes milliseconds, so age alone tells."""
     folders = [layout.root / "cache", *(layout.stage_dir(stage) for stage in layout.stages())]
     found = []
-    for folder in folders:
-        for path in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
-            if JSON_TMP.match(path.name) and path.is_file() and now - path.stat().st_mtime > stale_tmp_s:
-                found.append((path, f"temp file left by an interrupted write ({_age(now - path.stat().st_mtime)} old)"))
+    for path in sorted(p for folder in folders if folder.is_dir() for p in folder.glob(".*.tmp")):
+        if JSON_TMP.match(path.name) and path.is_file():
+            old = now - path.stat().st_mtime
+            if old > stale_tmp_s:
+                found.append((path, f"temp file left by an interrupted write ({_age(old)} old)"))
     return found
 
 
